@@ -1,0 +1,3 @@
+"""imgbench: repeatable benchmarks of image-classification services."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""Scoring a deployed endpoint on the full test set, one request per image."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import requests
+
+from imgbench.datasets import ImageRecord
+from imgbench.loadgen import request_error_kind
+
+logger = logging.getLogger(__name__)
+
+InvokeFn = Callable[[requests.Session, bytes], object]
+
+
+def evaluate_test_set(invoke: InvokeFn, test_set: Sequence[ImageRecord], root: Path | None = None) -> list[dict]:
+    """Invoke the endpoint once per test image, in test-set order, on one session.
+
+    Each row holds the image's path (relative to ``root`` when given), hash,
+    true label, predicted label and confidence, and the request's latency in
+    seconds until the response body was read. A failed request gives a row
+    with ``predicted`` None and the error's kind and message.
+    """
+    rows = []
+    with requests.Session() as session:
+        for record in test_set:
+            data = record.read_bytes()
+            path = record.path.relative_to(root) if root and record.path.is_relative_to(root) else record.path
+            row = {"path": str(path), "sha256": record.sha256, "label": record.label,
+                   "predicted": None, "confidence": None, "latency_s": None, "error": None}
+            started = time.perf_counter()
+            try:
+                prediction = invoke(session, data)
+            except Exception as exc:  # recorded per image; the evaluation goes on
+                row["error"] = {"kind": request_error_kind(exc), "message": str(exc)[:500]}
+                logger.warning("request for test image %s failed: %s", path, exc)
+            else:
+                row["latency_s"] = time.perf_counter() - started
+                row["predicted"] = prediction.label
+                row["confidence"] = prediction.confidence
+            rows.append(row)
+    return rows

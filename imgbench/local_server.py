@@ -1,0 +1,140 @@
+"""HTTP server of the local provider's endpoint, run as its own process.
+
+Start it with ``python -m imgbench.local_server --model MODEL.pkl``. It binds to
+127.0.0.1 on a free port (or ``--port``), prints one line
+``listening on http://127.0.0.1:PORT`` to stdout once it answers, and exits
+when its parent process exits, so a killed benchmark run leaves no server
+behind.
+
+HTTP API:
+
+* ``GET /health`` returns 200 with the class names.
+* ``POST /predict`` with the raw image bytes returns
+  ``{"label": str, "confidence": float, "scores": {label: probability}}``,
+  or 400 with ``{"error": message}`` for a body that is not a decodable image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+from imgbench.embedding import embed_batch, get_backbone, load_model
+from imgbench.images import ImageDecodeError
+
+logger = logging.getLogger(__name__)
+
+# Largest request body the server accepts, in bytes.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+def make_handler(classifier: Any, classes: list[str], spec) -> type[BaseHTTPRequestHandler]:
+    """Build the request handler class around a fitted classifier."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+            logger.debug("local endpoint: " + format, *args)
+
+        def _send_json(self, status: int, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path == "/health":
+                self._send_json(HTTPStatus.OK, {"status": "ok", "classes": classes})
+            else:
+                self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path != "/predict":
+                self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length <= 0 or length > MAX_BODY_BYTES:
+                self.close_connection = True
+                self._send_json(HTTPStatus.BAD_REQUEST, {
+                    "error": f"invalid Content-Length {self.headers.get('Content-Length')!r}; "
+                             f"send 1 to {MAX_BODY_BYTES} bytes of image data"})
+                return
+            data = self.rfile.read(length)
+            try:
+                features = embed_batch([data], spec, ["request body"])
+            except ImageDecodeError as exc:
+                self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+                return
+            except Exception as exc:  # answered as a 500 and logged with its traceback
+                logger.exception("local endpoint failed on a request")
+                self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
+                return
+            probabilities = classifier.predict_proba(features)[0]
+            best = int(np.argmax(probabilities))
+            self._send_json(HTTPStatus.OK, {
+                "label": classes[best],
+                "confidence": float(probabilities[best]),
+                "scores": {name: float(p) for name, p in zip(classes, probabilities, strict=True)},
+            })
+
+    return Handler
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Serve a local imgbench model over HTTP on 127.0.0.1.")
+    parser.add_argument("--model", required=True, help="pickle written by the local provider's deploy step")
+    parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one (default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads; 0 keeps torch's default")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    with open(args.model, "rb") as handle:
+        payload = pickle.load(handle)  # written by this project's own deploy step
+    spec = get_backbone(payload["backbone"])
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    load_model(spec)
+
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(payload["classifier"], payload["classes"], spec))
+    server.daemon_threads = True
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    host, port = server.server_address[:2]
+    print(f"listening on http://{host}:{port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

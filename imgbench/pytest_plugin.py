@@ -1,0 +1,195 @@
+"""pytest plugin: command-line options, the case matrix, and result recording.
+
+Loaded by the repository's top-level ``conftest.py``. Each test that takes the
+``case`` fixture is parametrised over the selected (provider, dataset,
+ablation) cases, with ids such as ``local-beans-20``. Case records travel to
+the controlling process in the teardown report's ``user_properties``, which
+pytest-xdist forwards from its workers, so the result file is written in one
+place however the run is distributed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from imgbench.config import BenchConfig, CaseSpec, build_config
+from imgbench.datasets import DATASETS_DIR_ENV, parse_dataset_paths
+from imgbench.errors import ConfigError, error_kind
+from imgbench.results import RECORD_PROPERTY, ResultWriter
+from imgbench.summary import format_summary_table
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = pytest.StashKey[BenchConfig]()
+RECORD_KEY = pytest.StashKey[dict]()
+WRITER_KEY = pytest.StashKey[ResultWriter]()
+
+# Longest error message kept in a record, in characters.
+MAX_ERROR_CHARS = 2000
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("imgbench", "image-classification benchmark")
+    group.addoption("--providers", help="comma-separated providers to benchmark (default: local)")
+    group.addoption("--datasets", help="comma-separated datasets (default: beans,xrays)")
+    group.addoption("--ablations", help="comma-separated training images per class (default: 5,20,80,320,1280)")
+    group.addoption("--datasets-dir", help=f"folder of offline dataset copies, one sub-folder per dataset "
+                                           f"(default: ${DATASETS_DIR_ENV}; unset means the Hugging Face Hub)")
+    group.addoption("--dataset-path", action="append", default=[], metavar="KEY=PATH",
+                    help="read one dataset from a local image folder <split>/<class>/<file>; repeatable")
+    group.addoption("--results", help="result JSON file to write (default: results/imgbench-<run id>.json)")
+    group.addoption("--run-id", help="identifier of this run, used in the default result file name")
+    group.addoption("--load-requests", type=int, default=1000, help="requests in each load test (default: 1000)")
+    group.addoption("--load-concurrency", type=int, default=10,
+                    help="concurrent requests in each load test (default: 10)")
+    group.addoption("--load-max-seconds", type=float, default=600.0,
+                    help="wall-time limit of one load test in seconds (default: 600)")
+    group.addoption("--ablation-seed", default="imgbench-2023",
+                    help="seed of the deterministic training-image sample (default: imgbench-2023)")
+    group.addoption("--cache-dir", help="cache folder for Hub downloads and embeddings "
+                                        "(default: $IMGBENCH_CACHE_DIR or ~/.cache/imgbench)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        bench_config = build_config(
+            providers=config.getoption("providers"),
+            datasets=config.getoption("datasets"),
+            ablations=config.getoption("ablations"),
+            datasets_dir=config.getoption("datasets_dir"),
+            dataset_paths=parse_dataset_paths(config.getoption("dataset_path")),
+            results=config.getoption("results"),
+            run_id=_shared_run_id(config),
+            load_requests=config.getoption("load_requests"),
+            load_concurrency=config.getoption("load_concurrency"),
+            load_max_seconds=config.getoption("load_max_seconds"),
+            seed=config.getoption("ablation_seed"),
+            cache_dir=config.getoption("cache_dir"),
+        )
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+    config.stash[CONFIG_KEY] = bench_config
+
+
+def _shared_run_id(config: pytest.Config) -> str | None:
+    """Return the run id, the same in pytest-xdist workers as in the controller."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput and "imgbench_run_id" in workerinput:
+        return workerinput["imgbench_run_id"]
+    return config.getoption("run_id")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """Hand the controller's run id to each pytest-xdist worker."""
+    node.workerinput["imgbench_run_id"] = node.config.stash[CONFIG_KEY].run_id
+
+
+def _provider_mark(provider: str) -> pytest.MarkDecorator:
+    from providers import get_provider_class
+
+    mode = get_provider_class(provider).mode
+    return {"local": pytest.mark.local, "replay": pytest.mark.replay}.get(mode, pytest.mark.live)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "case" not in metafunc.fixturenames:
+        return
+    bench_config = metafunc.config.stash[CONFIG_KEY]
+    params = [pytest.param(case, id=case.case_id, marks=[_provider_mark(case.provider)])
+              for case in bench_config.cases()]
+    metafunc.parametrize("case", params)
+
+
+def new_record(item: pytest.Item, case: CaseSpec, bench_config: BenchConfig) -> dict:
+    """Start the record of one case; fixtures and the test fill it in."""
+    record = {
+        "case_id": case.case_id,
+        "nodeid": item.nodeid,
+        "provider": case.provider,
+        "dataset": case.dataset,
+        "ablation": case.ablation,
+        "run_id": bench_config.run_id,
+        "status": "running",
+        "error": None,
+        "timings_measured": True,
+        "seconds": {},
+    }
+    item.stash[RECORD_KEY] = record
+    return record
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    record = item.stash.get(RECORD_KEY, None)
+    if record is None:
+        return report
+    if report.failed and record["error"] is None:
+        exc = call.excinfo.value if call.excinfo else None
+        record["status"] = "failed"
+        record["error"] = {
+            "phase": report.when,
+            "kind": error_kind(exc) if exc is not None else "unknown",
+            "type": type(exc).__name__ if exc is not None else None,
+            "message": (str(exc) if exc is not None else report.longreprtext)[:MAX_ERROR_CHARS],
+        }
+    elif report.skipped and record["status"] == "running":
+        record["status"] = "skipped"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        record["error"] = {"phase": report.when, "kind": "skipped", "type": None,
+                           "message": reason.removeprefix("Skipped: ")}
+    if report.when == "teardown":
+        if record["status"] == "running":
+            record["status"] = "passed"
+        report.user_properties.append((RECORD_PROPERTY, record))
+    return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when != "teardown":
+        return
+    for name, value in report.user_properties:
+        if name == RECORD_PROPERTY:
+            _writer_add(value)
+
+
+_session_config: list[pytest.Config] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _session_config[:] = [session.config]
+
+
+def _writer_add(record: dict) -> None:
+    config = _session_config[0] if _session_config else None
+    if config is None or hasattr(config, "workerinput"):
+        return  # workers forward their reports; only the controller writes
+    writer = config.stash.get(WRITER_KEY, None)
+    if writer is None:
+        bench_config = config.stash[CONFIG_KEY]
+        machine_info = config.hook.pytest_benchmark_generate_machine_info(config=config) or {}
+        commit_info = config.hook.pytest_benchmark_generate_commit_info(config=config) or {}
+        settings = {
+            "providers": list(bench_config.providers),
+            "datasets": list(bench_config.datasets),
+            "ablations": list(bench_config.ablations),
+            "load_requests": bench_config.load.requests,
+            "load_concurrency": bench_config.load.concurrency,
+            "ablation_seed": bench_config.seed,
+        }
+        writer = ResultWriter(bench_config.results_path, bench_config.run_id, machine_info, commit_info, settings)
+        config.stash[WRITER_KEY] = writer
+    writer.add(record)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    writer = config.stash.get(WRITER_KEY, None)
+    if writer is None or not writer.records:
+        return
+    terminalreporter.section("imgbench results")
+    for line in format_summary_table(writer.records).splitlines():
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"results written to {writer.path}")

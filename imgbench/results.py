@@ -1,0 +1,130 @@
+"""Case records and the result file, in pytest-benchmark's JSON format.
+
+A measured case becomes one entry of ``benchmarks``: its statistics are the
+latencies of the test-set requests (one round per test image, one iteration
+each, never auto-calibrated), computed with pytest-benchmark's own ``Stats``,
+and everything else (accuracy, timings, load test, manifest hash, versions)
+sits in ``extra_info``. A case that failed or was skipped before any request
+was measured has no statistics, so it goes to ``imgbench.unmeasured_cases``
+instead, where ``pytest-benchmark compare`` does not look.
+
+imgbench writes this file itself instead of through the ``benchmark`` fixture
+because pytest-benchmark turns itself off under pytest-xdist; this way
+``pytest -n 2`` writes the same records, merged on the controller. The file is
+rewritten atomically after every case, so an interrupted run keeps every
+finished case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from pytest_benchmark import __version__ as pytest_benchmark_version
+from pytest_benchmark.stats import Stats
+
+import imgbench
+
+FORMAT_VERSION = 1
+RECORD_PROPERTY = "imgbench_record"
+
+VERSIONED_PACKAGES = ("imgbench", "pytest", "pytest-benchmark", "numpy", "pillow", "requests", "torch",
+                      "scikit-learn", "efficientnet-lite-pytorch", "vcrpy", "boto3",
+                      "google-cloud-aiplatform", "huggingface_hub", "datasets")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    versions.setdefault("imgbench", imgbench.__version__)
+    return versions
+
+
+def latency_stats(latencies_s: list[float]) -> dict:
+    """pytest-benchmark statistics of per-request latencies, with the raw data."""
+    stats = Stats()
+    for value in latencies_s:
+        stats.update(value)
+    result = stats.as_dict()
+    result["data"] = list(latencies_s)
+    result["iterations"] = 1
+    return result
+
+
+def record_to_benchmark(record: dict) -> dict:
+    """Turn a finished case record into a pytest-benchmark ``benchmarks`` entry."""
+    latencies = [row["latency_s"] for row in record.get("predictions", []) if row.get("error") is None]
+    return {
+        "group": f"{record['provider']}-{record['dataset']}",
+        "name": f"test_case[{record['case_id']}]",
+        "fullname": record.get("nodeid", record["case_id"]),
+        "params": {"case": record["case_id"]},
+        "param": record["case_id"],
+        "extra_info": record,
+        "options": {"rounds": len(latencies), "iterations": 1, "timer": "perf_counter", "warmup": False,
+                    "disable_gc": False, "min_rounds": len(latencies), "max_time": None, "min_time": None},
+        "stats": latency_stats(latencies),
+    }
+
+
+class ResultWriter:
+    """Collects case records and keeps the result file up to date."""
+
+    def __init__(self, path: Path, run_id: str, machine_info: dict, commit_info: dict, settings: dict):
+        self.path = path
+        self.run_id = run_id
+        self.machine_info = machine_info
+        self.commit_info = commit_info
+        self.settings = settings
+        self.records: list[dict] = []
+        self.started = datetime.now(timezone.utc).isoformat()
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        self.write()
+
+    def document(self) -> dict:
+        measured = [r for r in self.records if r.get("predictions")]
+        unmeasured = [r for r in self.records if not r.get("predictions")]
+        return {
+            "machine_info": self.machine_info,
+            "commit_info": self.commit_info,
+            "benchmarks": [record_to_benchmark(r) for r in sorted(measured, key=lambda r: r["case_id"])],
+            "datetime": datetime.now(timezone.utc).isoformat(),
+            "version": pytest_benchmark_version,
+            "imgbench": {
+                "format_version": FORMAT_VERSION,
+                "run_id": self.run_id,
+                "started": self.started,
+                "settings": self.settings,
+                "versions": package_versions(),
+                "unmeasured_cases": sorted(unmeasured, key=lambda r: r["case_id"]),
+            },
+        }
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.document(), indent=1, default=str) + "\n"
+        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(text)
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def iter_records(document: dict) -> list[dict]:
+    """All case records of a result document, measured or not."""
+    records = [entry["extra_info"] for entry in document.get("benchmarks", []) if "extra_info" in entry]
+    records += document.get("imgbench", {}).get("unmeasured_cases", [])
+    return records

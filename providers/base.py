@@ -1,0 +1,105 @@
+"""The contract every provider implements, and the values that cross it.
+
+A provider object serves one benchmark case: it uploads that case's training
+set, trains, deploys, answers ``invoke`` calls, and ``teardown`` deletes
+everything it created. Phases are separate methods so the suite can time
+upload, training and deployment on its own clock.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import requests
+
+from imgbench.ablation import PlannedImage
+from imgbench.errors import ConfigError, MissingCredentialsError
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top label a service returned for one image, with its confidence (0..1)."""
+
+    label: str
+    confidence: float
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What a provider uploads for one case: class names and labelled images."""
+
+    case_id: str
+    classes: tuple[str, ...]
+    images: tuple[PlannedImage, ...]
+
+    def by_role(self, role: str) -> list[PlannedImage]:
+        return [image for image in self.images if image.role == role]
+
+
+class Provider(ABC):
+    """One image-classification service under test."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    # "local" for a provider that runs on this machine, "live" for a cloud service.
+    mode: ClassVar[str]
+    # True when the service holds out its own validation images, so it receives
+    # all N images of an ablation as training images.
+    validates_internally: ClassVar[bool] = False
+    # Environment variables that must be set before a live run.
+    credential_env: ClassVar[tuple[str, ...]] = ()
+    # The pip extra that installs the provider's SDKs, and the modules it needs.
+    extra: ClassVar[str | None] = None
+    required_modules: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_config(cls, bench_config: Any) -> "Provider":
+        """Build the provider for one case of a run configured by ``bench_config``."""
+        return cls()
+
+    def settings(self) -> dict:
+        """Settings worth recording beside the results (never secrets)."""
+        return {}
+
+    def describe_model(self, model: Any) -> dict:
+        """Facts about a trained model worth recording (ids, sizes, counts)."""
+        return {}
+
+    def check_ready(self) -> None:
+        """Raise a clear error when a required module or credential is missing."""
+        missing_modules = [m for m in self.required_modules if importlib.util.find_spec(m) is None]
+        if missing_modules:
+            hint = f"pip install 'imgbench[{self.extra}]'" if self.extra else "install them"
+            raise ConfigError(
+                f"provider {self.name!r} needs the modules {', '.join(missing_modules)}; {hint}"
+            )
+        missing_env = [name for name in self.credential_env if not os.environ.get(name)]
+        if missing_env:
+            raise MissingCredentialsError(
+                f"provider {self.name!r} needs the environment variables {', '.join(missing_env)}; "
+                "set them to the service's credentials"
+            )
+
+    @abstractmethod
+    def upload(self, training_set: TrainingSet) -> Any:
+        """Send the training images to the service; return a handle for ``train``."""
+
+    @abstractmethod
+    def train(self, upload: Any) -> Any:
+        """Train a model on an upload and wait until training ends; return the model."""
+
+    @abstractmethod
+    def deploy(self, model: Any) -> Any:
+        """Make ``model`` answer requests; return once the endpoint answers."""
+
+    @abstractmethod
+    def invoke(self, endpoint: Any, image: bytes, session: requests.Session) -> Prediction:
+        """Classify one image through the endpoint, reading the whole response."""
+
+    @abstractmethod
+    def teardown(self) -> None:
+        """Delete everything this provider object created; safe to call twice."""
