@@ -106,9 +106,9 @@ def build_config(*, providers: str | None, datasets: str | None, ablations: str 
                  seed: str, cache_dir: str | None) -> BenchConfig:
     run = run_id or new_run_id()
     return BenchConfig(
-        providers=parse_providers(providers) if providers else DEFAULT_PROVIDERS,
-        datasets=parse_datasets(datasets) if datasets else DEFAULT_DATASETS,
-        ablations=parse_ablations(ablations) if ablations else STANDARD_ABLATIONS,
+        providers=parse_providers(providers) if providers is not None else DEFAULT_PROVIDERS,
+        datasets=parse_datasets(datasets) if datasets is not None else DEFAULT_DATASETS,
+        ablations=parse_ablations(ablations) if ablations is not None else STANDARD_ABLATIONS,
         datasets_dir=datasets_dir or os.environ.get(DATASETS_DIR_ENV) or None,
         dataset_paths=dataset_paths,
         results_path=Path(results) if results else Path("results") / f"imgbench-{run}.json",

@@ -10,6 +10,7 @@ place however the run is distributed.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -144,8 +145,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if report.when == "teardown":
         if record["status"] == "running":
             record["status"] = "passed"
-        report.user_properties.append((RECORD_PROPERTY, record))
+        report.user_properties.append((RECORD_PROPERTY, plain_data(record)))
     return report
+
+
+def _to_plain(value):
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):  # numpy arrays
+        return value.tolist()
+    return str(value)
+
+
+def plain_data(record: dict) -> dict:
+    """Return ``record`` as JSON types only, which pytest-xdist can send between processes."""
+    return json.loads(json.dumps(record, default=_to_plain))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -128,7 +128,7 @@ class LocalProvider(Provider):
             raise InvalidInputError(str(exc)) from exc
         classifier = LogisticRegression(C=self.options.regularization_c, max_iter=5000)
         classifier.fit(features, labels)
-        return LocalModel(classes=tuple(classifier.classes_), classifier=classifier, backbone=self.spec.name,
+        return LocalModel(classes=tuple(str(name) for name in classifier.classes_), classifier=classifier, backbone=self.spec.name,
                           embedded=computed, from_cache=len(training) - computed)
 
     def deploy(self, model: LocalModel) -> LocalEndpoint:

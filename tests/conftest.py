@@ -1,0 +1,49 @@
+"""Shared fixtures of the test suite: sample data, caches, and a clean environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MINI_DATASETS = Path(__file__).resolve().parent / "data" / "mini"
+
+# Credentials of every supported service. Tests never see real ones.
+CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "GOOGLE_APPLICATION_CREDENTIALS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+    "NYCKEL_CLIENT_ID", "NYCKEL_CLIENT_SECRET",
+)
+
+
+@pytest.fixture(autouse=True)
+def no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def mini_datasets() -> Path:
+    """An offline mirror holding small real samples of beans and xrays."""
+    return MINI_DATASETS
+
+
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One embedding cache for the whole session, so each image is embedded once."""
+    return tmp_path_factory.mktemp("imgbench-cache")
+
+
+def run_benchmark(args: list[str], cache_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``pytest bench_tests`` in a fresh process, as a user would."""
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in CREDENTIAL_VARIABLES and not key.startswith("PYTEST_")}
+    environment["IMGBENCH_CACHE_DIR"] = str(cache_dir)
+    environment.pop("IMGBENCH_DATASETS_DIR", None)
+    command = [sys.executable, "-m", "pytest", "bench_tests", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
+                          timeout=timeout, check=False)
