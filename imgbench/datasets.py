@@ -299,6 +299,12 @@ def scan_folder(root: Path, key: str, source: str, train_split: str = "train",
             report.train_test_duplicates.append(str(record.path))
         else:
             train.append(record)
+    emptied = [name for name in classes if not any(record.label == name for record in train)]
+    if emptied:
+        raise DatasetError(
+            f"dataset {key!r}: every training image of class(es) {emptied} is also in the test set, so no "
+            "training images are left; remove the duplicates from one of the splits"
+        )
     if report.train_test_duplicates:
         logger.warning("dataset %s: %d training images also appear in the test set; "
                        "they are left out of the training pool", key, len(report.train_test_duplicates))

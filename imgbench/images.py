@@ -26,7 +26,7 @@ JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini", ".gitkeep", ".g
 
 # Conversion policy recorded in every manifest, so two runs can show that their
 # images reached the providers the same way.
-CONVERSION_POLICY = "exif-transpose;rgb8;16bit-rescaled-to-own-range;alpha-on-white"
+CONVERSION_POLICY = "exif-transpose;rgb8;16bit-rescaled-to-own-range;alpha-and-trns-on-white"
 
 
 class ImageDecodeError(ValueError):
@@ -94,7 +94,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         scale = 255.0 / (high - low) if high > low else 0.0
         array = np.rint((array - low) * scale).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -105,11 +105,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_rgb(data: bytes, label: str = "image") -> Image.Image:
     """Decode ``data`` and convert it with ``to_rgb``; raises ``ImageDecodeError``."""
+    if not data:
+        raise ImageDecodeError(f"{label}: the image is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                return to_rgb(image)
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{label}: not an image Pillow can read") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{label}: the image cannot be decoded ({exc})") from exc

@@ -18,6 +18,8 @@ def confusion_matrix(truth: Sequence[str], predicted: Sequence[str | None], clas
     index = {name: i for i, name in enumerate(classes)}
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     for true_label, predicted_label in zip(truth, predicted, strict=True):
+        if true_label not in index:
+            raise ValueError(f"true label {true_label!r} is not one of the classes {list(classes)}")
         if predicted_label in index:
             matrix[index[true_label], index[predicted_label]] += 1
     return matrix.tolist()

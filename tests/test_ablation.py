@@ -28,7 +28,7 @@ def fake_sha256(text: str) -> str:
 
 
 def synthetic_dataset(per_class: dict[str, int], key: str = "synthetic") -> LoadedDataset:
-    """Build a dataset of ``per_class[name]`` training records per class, with no files behind them."""
+    """Build a dataset with ``per_class[name]`` training records for each class and no files on disk."""
     train = [
         ImageRecord(path=Path("train") / name / f"{i}.jpg", label=name,
                     sha256=fake_sha256(f"{key}/{name}/{i}"), split="train")
@@ -204,7 +204,7 @@ def test_skipped_on_real_images(beans_dir: Path) -> None:
     assert "only 9 training images" in str(excinfo.value)
 
 
-def test_skipped_when_n_exceeds_all(beans_dir: Path) -> None:
+def test_skipped_when_ablation_exceeds_pool(beans_dir: Path) -> None:
     with pytest.raises(AblationSkipped, match="only 10 training images"):
         plan_ablation(scan_beans(beans_dir), 20)
 

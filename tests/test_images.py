@@ -160,6 +160,30 @@ def test_rgba_transparency_becomes_white() -> None:
     assert decoded.getpixel((3, 3)) == (0, 255, 0)
 
 
+def test_grayscale_transparency_becomes_white() -> None:
+    # Gray level 0 is marked transparent through the tRNS chunk.
+    gray = Image.new("L", (4, 4), 0)
+    gray.paste(200, (2, 0, 4, 4))
+    data = encode(gray, "PNG", transparency=0)
+
+    decoded = decode_rgb(data, "gray-trns.png")
+
+    assert decoded.getpixel((3, 3)) == (200, 200, 200)
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_rgb_transparency_becomes_white() -> None:
+    # The colour (0, 0, 0) is marked transparent through the tRNS chunk.
+    rgb = Image.new("RGB", (4, 4), (0, 0, 0))
+    rgb.paste((0, 0, 200), (2, 0, 4, 4))
+    data = encode(rgb, "PNG", transparency=(0, 0, 0))
+
+    decoded = decode_rgb(data, "rgb-trns.png")
+
+    assert decoded.getpixel((3, 3)) == (0, 0, 200)
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+
+
 def test_16bit_png_rescaled_not_clipped() -> None:
     # Values 0..3999 in a 16-bit PNG: a plain conversion would clip every
     # value above 255 to white, so most of the image would be 255.
@@ -264,12 +288,9 @@ def test_decode_rgb_rejects_large_bomb(small_bomb_limit: int) -> None:
     assert "huge.png" in str(excinfo.value)
 
 
-@pytest.mark.xfail(
-    reason="decode_rgb only warns for images between MAX_IMAGE_PIXELS and twice that, "
-    "while inspect_image rejects them",
-    strict=True,
-)
 def test_decode_rgb_rejects_small_bomb(small_bomb_limit: int) -> None:
+    # Between the limit and twice the limit Pillow only warns. decode_rgb must
+    # reject the image even when the caller ignores that warning.
     data = encode(Image.new("RGB", (1500, 1)), "PNG")
 
     with warnings.catch_warnings():

@@ -9,7 +9,7 @@ from sklearn import metrics as sk_metrics
 from imgbench.metrics import LATENCY_PERCENTILES, classification_summary, confusion_matrix, latency_summary
 
 CLASSES = ["cat", "dog", "fox"]
-# Six test images, one of them a failed request (None). Three are right.
+# Six test images, one of them a failed request (None). Three predictions are correct.
 TRUTH = ["cat", "cat", "cat", "dog", "dog", "fox"]
 PREDICTED = ["cat", "dog", None, "dog", "cat", "fox"]
 
@@ -21,7 +21,7 @@ NONE_LABEL = "__none__"
 
 @pytest.fixture
 def random_predictions() -> tuple[list[str], list[str | None], list[str]]:
-    """300 seeded predictions over 4 classes: about 60% right, 5% failed, the rest wrong."""
+    """Return 300 seeded predictions over 4 classes: about 60% correct, 5% failed, the rest wrong."""
     rng = np.random.default_rng(2023)
     classes = ["angular_leaf_spot", "bean_rust", "healthy", "mosaic"]
     truth = [classes[i] for i in rng.integers(0, len(classes), size=300)]
@@ -140,7 +140,7 @@ def test_per_class_accuracy_matches_recall(random_predictions) -> None:
 
 
 def test_random_set_has_failures(random_predictions) -> None:
-    # Guards the fixture: the sklearn comparisons only cover None if some exist.
+    # The scikit-learn comparisons cover failed requests only if the fixture contains some.
     truth, predicted, classes = random_predictions
 
     assert classification_summary(truth, predicted, classes)["failed_predictions"] > 0
