@@ -2,6 +2,11 @@
 
 Precedence: built-in defaults, then environment variables, then command-line
 options. Unknown providers, datasets or ablations fail with the valid values.
+
+Each provider runs in one mode per run: ``local`` for a provider that runs on
+this machine; for a cloud service ``replay`` (the default: answers come from
+its cassettes), ``emulator`` (a service URL such as ``--nyckel-url`` was
+given) or ``live`` (the real service).
 """
 
 from __future__ import annotations
@@ -16,9 +21,14 @@ from imgbench.ablation import STANDARD_ABLATIONS, validate_ablation
 from imgbench.datasets import DATASETS_DIR_ENV, REGISTRY, get_spec
 from imgbench.errors import ConfigError
 from imgbench.loadgen import LoadConfig
+from imgbench.recording import DEFAULT_RECORD_MODE, validate_record_mode
 
 DEFAULT_PROVIDERS = ("local",)
 DEFAULT_DATASETS = ("beans", "xrays")
+DEFAULT_CASSETTE_DIR = Path("cassettes")
+RUN_MODES = ("local", "replay", "emulator", "live")
+# Environment variables that set a cloud provider's service URL (emulator mode).
+SERVICE_URL_ENV = {"nyckel": "IMGBENCH_NYCKEL_URL"}
 
 
 @dataclass(frozen=True)
@@ -48,9 +58,18 @@ class BenchConfig:
     load: LoadConfig = LoadConfig()
     seed: str = "imgbench-2023"
     cache_dir: Path | None = None
+    # Run mode of each selected provider, one of RUN_MODES.
+    provider_modes: dict[str, str] = field(default_factory=dict)
+    # Service base URLs of providers in emulator mode.
+    service_urls: dict[str, str] = field(default_factory=dict)
+    record_mode: str = DEFAULT_RECORD_MODE
+    cassette_dir: Path = DEFAULT_CASSETTE_DIR
 
     def cases(self) -> list[CaseSpec]:
         return [CaseSpec(p, d, a) for p in self.providers for d in self.datasets for a in self.ablations]
+
+    def case_mode(self, case: CaseSpec) -> str:
+        return self.provider_modes.get(case.provider, "local")
 
 
 def split_names(value: str, option: str) -> tuple[str, ...]:
@@ -95,6 +114,46 @@ def parse_ablations(value: str) -> tuple[int, ...]:
     return tuple(ablations)
 
 
+def resolve_provider_modes(providers: tuple[str, ...], live: bool, service_urls: dict[str, str],
+                           record_mode: str) -> dict[str, str]:
+    """Choose each provider's run mode; raise ConfigError for a combination that cannot run."""
+    from providers import get_provider_class
+
+    modes = {}
+    for name in providers:
+        provider_class = get_provider_class(name)
+        if provider_class.mode == "local":
+            modes[name] = "local"
+        elif live and name in service_urls:
+            raise ConfigError(f"a live run and a {name} service URL ({service_urls[name]}) exclude each other; "
+                              f"drop --{name}-url (or ${SERVICE_URL_ENV.get(name, 'its variable')}) for a live run, "
+                              "or drop -m live / --live to use the emulator")
+        elif live:
+            modes[name] = "live"
+        elif name in service_urls:
+            modes[name] = "emulator"
+        else:
+            modes[name] = "replay"
+            if record_mode != "none":
+                raise ConfigError(
+                    f"--record-mode {record_mode} needs a service to record {name} against: add "
+                    f"--{name}-url http://127.0.0.1:PORT for the emulator, or -m live for the real service"
+                )
+    return modes
+
+
+def missing_live_credentials(providers: tuple[str, ...], modes: dict[str, str]) -> list[str]:
+    """Return the credential variables that live providers need and the environment lacks."""
+    from providers import get_provider_class
+
+    missing = []
+    for name in providers:
+        if modes.get(name) == "live":
+            missing += [variable for variable in get_provider_class(name).credential_env
+                        if not os.environ.get(variable) and variable not in missing]
+    return missing
+
+
 def new_run_id() -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{uuid.uuid4().hex[:6]}"
@@ -103,10 +162,21 @@ def new_run_id() -> str:
 def build_config(*, providers: str | None, datasets: str | None, ablations: str | None,
                  datasets_dir: str | None, dataset_paths: dict[str, str], results: str | None,
                  run_id: str | None, load_requests: int, load_concurrency: int, load_max_seconds: float,
-                 seed: str, cache_dir: str | None) -> BenchConfig:
+                 seed: str, cache_dir: str | None, live: bool = False, service_urls: dict[str, str] | None = None,
+                 record_mode: str = DEFAULT_RECORD_MODE, cassette_dir: str | None = None) -> BenchConfig:
     run = run_id or new_run_id()
+    selected = parse_providers(providers) if providers is not None else DEFAULT_PROVIDERS
+    urls = dict(service_urls or {})
+    for name, variable in SERVICE_URL_ENV.items():
+        if name not in urls and os.environ.get(variable):
+            urls[name] = os.environ[variable]
+    for name, url in urls.items():
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"invalid {name} service URL {url!r}; use http://HOST:PORT, "
+                              "for example http://127.0.0.1:8765")
+    record_mode = validate_record_mode(record_mode)
     return BenchConfig(
-        providers=parse_providers(providers) if providers is not None else DEFAULT_PROVIDERS,
+        providers=selected,
         datasets=parse_datasets(datasets) if datasets is not None else DEFAULT_DATASETS,
         ablations=parse_ablations(ablations) if ablations is not None else STANDARD_ABLATIONS,
         datasets_dir=datasets_dir or os.environ.get(DATASETS_DIR_ENV) or None,
@@ -116,4 +186,8 @@ def build_config(*, providers: str | None, datasets: str | None, ablations: str 
         load=LoadConfig(requests=load_requests, concurrency=load_concurrency, max_seconds=load_max_seconds),
         seed=seed,
         cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
+        provider_modes=resolve_provider_modes(selected, live, urls, record_mode),
+        service_urls=urls,
+        record_mode=record_mode,
+        cassette_dir=Path(cassette_dir).expanduser() if cassette_dir else DEFAULT_CASSETTE_DIR,
     )

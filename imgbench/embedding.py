@@ -99,15 +99,19 @@ def preprocess(images: Sequence[bytes], spec: BackboneSpec, labels: Sequence[str
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
 
 
-def embed_batch(images: Sequence[bytes], spec: BackboneSpec, labels: Sequence[str] | None = None) -> np.ndarray:
-    """Return one embedding row per image, without the cache."""
+def features_from_pixels(batch: np.ndarray, spec: BackboneSpec) -> np.ndarray:
+    """Run the backbone on a preprocessed NCHW batch; one embedding row per image."""
     import torch
 
     model = load_model(spec)
-    tensor = torch.from_numpy(preprocess(images, spec, labels))
     with torch.inference_mode():
-        features = model.extract_features(tensor).mean(dim=(2, 3))
+        features = model.extract_features(torch.from_numpy(batch)).mean(dim=(2, 3))
     return features.numpy().astype(np.float32)
+
+
+def embed_batch(images: Sequence[bytes], spec: BackboneSpec, labels: Sequence[str] | None = None) -> np.ndarray:
+    """Return one embedding row per image, without the cache."""
+    return features_from_pixels(preprocess(images, spec, labels), spec)
 
 
 class EmbeddingCache:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from imgbench.embedding import embed_batch, get_backbone, load_model
+from imgbench.embedding import features_from_pixels, get_backbone, load_model, preprocess
 from imgbench.images import ImageDecodeError
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,63 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
-def make_handler(classifier: Any, classes: list[str], spec) -> type[BaseHTTPRequestHandler]:
-    """Build the request handler class around a fitted classifier."""
+class MicroBatcher:
+    """Run concurrent requests' forward passes together, in one batch.
+
+    Request threads decode and resize their own image (Pillow releases the
+    GIL), then queue the preprocessed array. One inference thread takes every
+    queued array, up to ``max_batch``, and runs a single forward pass, so ten
+    concurrent requests cost one batched pass instead of ten passes competing
+    for the same cores. A lone request is served at once: the thread never
+    waits for a batch to fill.
+    """
+
+    def __init__(self, classifier: Any, spec, max_batch: int = 16):
+        self.classifier = classifier
+        self.spec = spec
+        self.max_batch = max_batch
+        self.pending: queue.Queue = queue.Queue()
+        self.batches = 0
+        self.images = 0
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._thread.start()
+
+    def predict(self, data: bytes) -> np.ndarray:
+        """Return the class probabilities of one encoded image."""
+        pixels = preprocess([data], self.spec, ["request body"])
+        done = threading.Event()
+        slot: dict[str, Any] = {}
+        self.pending.put((pixels, done, slot))
+        done.wait()
+        if "error" in slot:
+            raise slot["error"]
+        return slot["probabilities"]
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.pending.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                features = features_from_pixels(np.concatenate([item[0] for item in batch]), self.spec)
+                probabilities = self.classifier.predict_proba(features)
+            except Exception as exc:  # handed to every waiting request, which answers 500
+                for _, done, slot in batch:
+                    slot["error"] = exc
+                    done.set()
+                continue
+            self.batches += 1
+            self.images += len(batch)
+            for row, (_, done, slot) in zip(probabilities, batch, strict=True):
+                slot["probabilities"] = row
+                done.set()
+
+
+def make_handler(batcher: MicroBatcher, classes: list[str]) -> type[BaseHTTPRequestHandler]:
+    """Build the request handler class around the inference batcher."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -58,7 +114,8 @@ def make_handler(classifier: Any, classes: list[str], spec) -> type[BaseHTTPRequ
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path == "/health":
-                self._send_json(HTTPStatus.OK, {"status": "ok", "classes": classes})
+                self._send_json(HTTPStatus.OK, {"status": "ok", "classes": classes,
+                                                "batches": batcher.batches, "images": batcher.images})
             else:
                 self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
 
@@ -78,7 +135,7 @@ def make_handler(classifier: Any, classes: list[str], spec) -> type[BaseHTTPRequ
                 return
             data = self.rfile.read(length)
             try:
-                features = embed_batch([data], spec, ["request body"])
+                probabilities = batcher.predict(data)
             except ImageDecodeError as exc:
                 self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
                 return
@@ -86,7 +143,6 @@ def make_handler(classifier: Any, classes: list[str], spec) -> type[BaseHTTPRequ
                 logger.exception("local endpoint failed on a request")
                 self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
                 return
-            probabilities = classifier.predict_proba(features)[0]
             best = int(np.argmax(probabilities))
             self._send_json(HTTPStatus.OK, {
                 "label": classes[best],
@@ -110,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one (default)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads; 0 keeps torch's default")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="most concurrent requests run in one forward pass (default: 16)")
     args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error(f"invalid --max-batch {args.max_batch}; use 1 or more")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     with open(args.model, "rb") as handle:
@@ -122,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     load_model(spec)
 
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(payload["classifier"], payload["classes"], spec))
+    batcher = MicroBatcher(payload["classifier"], spec, max_batch=args.max_batch)
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(batcher, payload["classes"]))
     server.daemon_threads = True
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     host, port = server.server_address[:2]

@@ -6,6 +6,14 @@ ablation) cases, with ids such as ``local-beans-20``. Case records travel to
 the controlling process in the teardown report's ``user_properties``, which
 pytest-xdist forwards from its workers, so the result file is written in one
 place however the run is distributed.
+
+Cloud providers' cases run in replay mode by default: their traffic comes from
+``cassettes/<provider>/<case id>.yaml`` and is marked ``replay``. A run is
+live, and cloud cases are marked ``live``, when ``--live`` is given or when the
+``-m`` expression selects an item marked only ``live`` and rejects one marked
+only ``replay`` (so ``-m live`` runs live, ``-m "not local"`` replays).
+``--nyckel-url`` runs Nyckel against an emulator (mark ``emulator``), and
+``--record-mode`` records cassettes in that run.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ import json
 import logging
 
 import pytest
+from _pytest.mark.expression import Expression
 
-from imgbench.config import BenchConfig, CaseSpec, build_config
+from imgbench.config import SERVICE_URL_ENV, BenchConfig, CaseSpec, build_config, missing_live_credentials
 from imgbench.datasets import DATASETS_DIR_ENV, parse_dataset_paths
 from imgbench.errors import ConfigError, error_kind
+from imgbench.recording import DEFAULT_RECORD_MODE, RECORD_MODES
 from imgbench.results import RECORD_PROPERTY, ResultWriter
 from imgbench.summary import format_summary_table
 
@@ -51,9 +61,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="seed of the deterministic training-image sample (default: imgbench-2023)")
     group.addoption("--cache-dir", help="cache folder for Hub downloads and embeddings "
                                         "(default: $IMGBENCH_CACHE_DIR or ~/.cache/imgbench)")
+    group.addoption("--live", action="store_true", default=False,
+                    help="run cloud providers against the real services (needs credentials, costs money); "
+                         "-m live does the same")
+    group.addoption("--record-mode", choices=RECORD_MODES, default=DEFAULT_RECORD_MODE,
+                    help="cassette record mode of cloud providers in emulator or live runs: none, once "
+                         "(record missing cassettes), new_episodes or all (default: none)")
+    group.addoption("--cassette-dir", help="folder of recorded cassettes, <provider>/<case id>.yaml "
+                                           "(default: cassettes/ in the root folder)")
+    group.addoption("--nyckel-url", help=f"run Nyckel against this base URL, such as the emulator's "
+                                         f"http://127.0.0.1:PORT (default: ${SERVICE_URL_ENV['nyckel']}; unset "
+                                         "means replay, or the real service in a live run)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "emulator: runs a cloud provider against its emulator on 127.0.0.1")
+    live = config.getoption("live") or markexpr_selects_live(config.getoption("markexpr", ""))
+    service_urls = {"nyckel": config.getoption("nyckel_url")} if config.getoption("nyckel_url") else {}
     try:
         bench_config = build_config(
             providers=config.getoption("providers"),
@@ -68,10 +92,35 @@ def pytest_configure(config: pytest.Config) -> None:
             load_max_seconds=config.getoption("load_max_seconds"),
             seed=config.getoption("ablation_seed"),
             cache_dir=config.getoption("cache_dir"),
+            live=live,
+            service_urls=service_urls,
+            record_mode=config.getoption("record_mode"),
+            cassette_dir=config.getoption("cassette_dir") or str(config.rootpath / "cassettes"),
         )
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from exc
+    missing = missing_live_credentials(bench_config.providers, bench_config.provider_modes)
+    if missing:
+        raise pytest.UsageError(
+            f"a live run needs the credentials {', '.join(missing)}; set them, or leave out -m live / --live "
+            "to replay the recorded cassettes"
+        )
     config.stash[CONFIG_KEY] = bench_config
+
+
+def markexpr_selects_live(markexpr: str) -> bool:
+    """Return True when ``-m markexpr`` selects live-only items and rejects replay-only ones."""
+    if not markexpr:
+        return False
+    try:
+        expression = Expression.compile(markexpr)
+    except SyntaxError:
+        return False  # pytest reports the invalid expression itself
+
+    def selects(marker: str) -> bool:
+        return expression.evaluate(lambda name, **kwargs: name == marker and not kwargs)
+
+    return selects("live") and not selects("replay")
 
 
 def _shared_run_id(config: pytest.Config) -> str | None:
@@ -88,24 +137,26 @@ def pytest_configure_node(node) -> None:
     node.workerinput["imgbench_run_id"] = node.config.stash[CONFIG_KEY].run_id
 
 
-def _provider_mark(provider: str) -> pytest.MarkDecorator:
-    from providers import get_provider_class
-
-    mode = get_provider_class(provider).mode
-    return {"local": pytest.mark.local, "replay": pytest.mark.replay}.get(mode, pytest.mark.live)
+CASE_MARKS = {"local": pytest.mark.local, "replay": pytest.mark.replay, "emulator": pytest.mark.emulator,
+              "live": pytest.mark.live}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "case" not in metafunc.fixturenames:
         return
     bench_config = metafunc.config.stash[CONFIG_KEY]
-    params = [pytest.param(case, id=case.case_id, marks=[_provider_mark(case.provider)])
+    params = [pytest.param(case, id=case.case_id, marks=[CASE_MARKS[bench_config.case_mode(case)]])
               for case in bench_config.cases()]
     metafunc.parametrize("case", params)
 
 
 def new_record(item: pytest.Item, case: CaseSpec, bench_config: BenchConfig) -> dict:
-    """Start the record of one case; fixtures and the test fill it in."""
+    """Start the record of one case; fixtures and the test fill it in.
+
+    A replayed case's timings measure the replay, not the service, so its
+    record says ``timings_measured: false``.
+    """
+    mode = bench_config.case_mode(case)
     record = {
         "case_id": case.case_id,
         "nodeid": item.nodeid,
@@ -113,9 +164,10 @@ def new_record(item: pytest.Item, case: CaseSpec, bench_config: BenchConfig) -> 
         "dataset": case.dataset,
         "ablation": case.ablation,
         "run_id": bench_config.run_id,
+        "mode": mode,
         "status": "running",
         "error": None,
-        "timings_measured": True,
+        "timings_measured": mode != "replay",
         "seconds": {},
     }
     item.stash[RECORD_KEY] = record
@@ -193,6 +245,8 @@ def _writer_add(record: dict) -> None:
             "load_requests": bench_config.load.requests,
             "load_concurrency": bench_config.load.concurrency,
             "ablation_seed": bench_config.seed,
+            "provider_modes": dict(bench_config.provider_modes),
+            "record_mode": bench_config.record_mode,
         }
         writer = ResultWriter(bench_config.results_path, bench_config.run_id, machine_info, commit_info, settings)
         config.stash[WRITER_KEY] = writer

@@ -4,9 +4,10 @@ A measured case becomes one entry of ``benchmarks``: its statistics are the
 latencies of the test-set requests (one round per test image, one iteration
 each, never auto-calibrated), computed with pytest-benchmark's own ``Stats``,
 and everything else (accuracy, timings, load test, manifest hash, versions)
-sits in ``extra_info``. A case that failed or was skipped before any request
-was measured has no statistics, so it goes to ``imgbench.unmeasured_cases``
-instead, where ``pytest-benchmark compare`` does not look.
+sits in ``extra_info``. A case without one successful test-set request (it
+failed or was skipped before, or every request failed) has no statistics, so
+it goes to ``imgbench.unmeasured_cases`` instead, where ``pytest-benchmark
+compare`` does not look.
 
 imgbench writes this file itself instead of through the ``benchmark`` fixture
 because pytest-benchmark turns itself off under pytest-xdist; this way
@@ -59,6 +60,12 @@ def latency_stats(latencies_s: list[float]) -> dict:
     return result
 
 
+def has_latency_data(record: dict) -> bool:
+    """True when at least one test-set request of the case succeeded."""
+    return any(row.get("error") is None and row.get("latency_s") is not None
+               for row in record.get("predictions", []))
+
+
 def record_to_benchmark(record: dict) -> dict:
     """Turn a finished case record into a pytest-benchmark ``benchmarks`` entry."""
     latencies = [row["latency_s"] for row in record.get("predictions", []) if row.get("error") is None]
@@ -92,8 +99,8 @@ class ResultWriter:
         self.write()
 
     def document(self) -> dict:
-        measured = [r for r in self.records if r.get("predictions")]
-        unmeasured = [r for r in self.records if not r.get("predictions")]
+        measured = [r for r in self.records if has_latency_data(r)]
+        unmeasured = [r for r in self.records if not has_latency_data(r)]
         return {
             "machine_info": self.machine_info,
             "commit_info": self.commit_info,

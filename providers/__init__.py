@@ -14,6 +14,7 @@ from providers.base import Prediction, Provider, TrainingSet
 # name -> "module:Class"
 PROVIDERS: dict[str, str] = {
     "local": "providers.local:LocalProvider",
+    "nyckel": "providers.nyckel:NyckelProvider",
 }
 
 

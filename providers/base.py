@@ -46,6 +46,8 @@ class Provider(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     # "local" for a provider that runs on this machine, "live" for a cloud service.
+    # A cloud service's cases run in one of the run modes "replay", "emulator" or
+    # "live", which the plugin chooses per run (see imgbench/config.py).
     mode: ClassVar[str]
     # True when the service holds out its own validation images, so it receives
     # all N images of an ablation as training images.
@@ -69,6 +71,18 @@ class Provider(ABC):
         """Facts about a trained model worth recording (ids, sizes, counts)."""
         return {}
 
+    def counters(self) -> dict[str, int]:
+        """Event counts worth recording, such as throttled requests; read after teardown."""
+        return {}
+
+    def recording_rules(self) -> Any:
+        """Return the cloud provider's ``imgbench.recording.RecordingRules``, or None where nothing is recorded."""
+        return None
+
+    def credentials_needed(self) -> bool:
+        """Return True when ``check_ready`` must find the ``credential_env`` variables set."""
+        return True
+
     def check_ready(self) -> None:
         """Raise a clear error when a required module or credential is missing."""
         missing_modules = [m for m in self.required_modules if importlib.util.find_spec(m) is None]
@@ -77,6 +91,8 @@ class Provider(ABC):
             raise ConfigError(
                 f"provider {self.name!r} needs the modules {', '.join(missing_modules)}; {hint}"
             )
+        if not self.credentials_needed():
+            return
         missing_env = [name for name in self.credential_env if not os.environ.get(name)]
         if missing_env:
             raise MissingCredentialsError(

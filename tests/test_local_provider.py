@@ -134,3 +134,23 @@ def test_missing_credentials_named(monkeypatch):
 
     with pytest.raises(MissingCredentialsError, match="ACME_API_KEY"):
         NeedsKey().check_ready()
+
+
+def test_concurrent_requests_share_batches(deployed, beans):
+    """Concurrent requests must be served by fewer forward passes than requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    provider, _, endpoint = deployed
+    before = requests.get(f"{endpoint.url}/health", timeout=10).json()
+    images = [record.read_bytes() for record in beans.test] * 2
+
+    def send(image):
+        with requests.Session() as session:
+            return provider.invoke(endpoint, image, session).label
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        labels = list(pool.map(send, images))
+    after = requests.get(f"{endpoint.url}/health", timeout=10).json()
+    assert len(labels) == len(images)
+    assert after["images"] - before["images"] == len(images)
+    assert after["batches"] - before["batches"] < len(images)
