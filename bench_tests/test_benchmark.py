@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 
-from imgbench.evaluate import evaluate_test_set
+from imgbench.evaluate import check_predictions_against_manifest, evaluate_test_set
 from imgbench.loadgen import run_closed_loop
 from imgbench.metrics import classification_summary, latency_summary
 
@@ -53,6 +53,7 @@ def test_case(case, provider, endpoint, dataset_store, case_record, bench_config
             raise
 
     rows = evaluate_test_set(invoke, dataset.test, root=dataset.root)
+    check_predictions_against_manifest(rows, dataset.test, root=dataset.root)
     case_record["predictions"] = rows
     case_record["classification"] = classification_summary(
         [row["label"] for row in rows], [row["predicted"] for row in rows], dataset.classes)

@@ -162,6 +162,7 @@ def new_run_id() -> str:
 def build_config(*, providers: str | None, datasets: str | None, ablations: str | None,
                  datasets_dir: str | None, dataset_paths: dict[str, str], results: str | None,
                  run_id: str | None, load_requests: int, load_concurrency: int, load_max_seconds: float,
+                 load_warmup: int = 0,
                  seed: str, cache_dir: str | None, live: bool = False, service_urls: dict[str, str] | None = None,
                  record_mode: str = DEFAULT_RECORD_MODE, cassette_dir: str | None = None) -> BenchConfig:
     run = run_id or new_run_id()
@@ -183,7 +184,8 @@ def build_config(*, providers: str | None, datasets: str | None, ablations: str 
         dataset_paths=dataset_paths,
         results_path=Path(results) if results else Path("results") / f"imgbench-{run}.json",
         run_id=run,
-        load=LoadConfig(requests=load_requests, concurrency=load_concurrency, max_seconds=load_max_seconds),
+        load=LoadConfig(requests=load_requests, concurrency=load_concurrency, max_seconds=load_max_seconds,
+                        warmup=load_warmup),
         seed=seed,
         cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
         provider_modes=resolve_provider_modes(selected, live, urls, record_mode),

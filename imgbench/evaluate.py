@@ -10,6 +10,7 @@ from pathlib import Path
 import requests
 
 from imgbench.datasets import ImageRecord
+from imgbench.errors import DatasetError
 from imgbench.loadgen import request_error_kind
 
 logger = logging.getLogger(__name__)
@@ -44,3 +45,23 @@ def evaluate_test_set(invoke: InvokeFn, test_set: Sequence[ImageRecord], root: P
                 row["confidence"] = prediction.confidence
             rows.append(row)
     return rows
+
+
+def check_predictions_against_manifest(rows: Sequence[dict], test_set: Sequence[ImageRecord],
+                                       root: Path | None = None) -> None:
+    """Raise ``DatasetError`` unless ``rows`` match the test set one to one, in order.
+
+    Each row must carry the path, content hash and label of the test image at
+    the same position, so a record can never score one image's prediction
+    against another image's label.
+    """
+    if len(rows) != len(test_set):
+        raise DatasetError(f"{len(rows)} prediction rows for {len(test_set)} test images; "
+                           "every test image needs exactly one row")
+    for position, (row, record) in enumerate(zip(rows, test_set, strict=True)):
+        path = str(record.path.relative_to(root)) if root and record.path.is_relative_to(root) else str(record.path)
+        wrong = [name for name, value in (("path", path), ("sha256", record.sha256), ("label", record.label))
+                 if row.get(name) != value]
+        if wrong:
+            raise DatasetError(f"prediction row {position} does not match test image {path}: "
+                               f"{', '.join(wrong)} differ; the rows must follow test-set order")

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with open(args.model, "rb") as handle:
         payload = pickle.load(handle)  # written by this project's own deploy step
-    spec = get_backbone(payload["backbone"])
+    spec = get_backbone(payload["backbone"], payload.get("image_size"))
     if args.threads > 0:
         import torch
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 
+from pathlib import Path
+
 import pytest
 from _pytest.mark.expression import Expression
 
@@ -55,6 +57,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--load-requests", type=int, default=1000, help="requests in each load test (default: 1000)")
     group.addoption("--load-concurrency", type=int, default=10,
                     help="concurrent requests in each load test (default: 10)")
+    group.addoption("--report-dir", help="also render the HTML report of this run into this folder, with the "
+                                         "published 2023 figures overlaid (default: no report)")
+    group.addoption("--load-warmup", type=int, default=0,
+                    help="requests sent before each load test and kept out of its figures (default: 0)")
     group.addoption("--load-max-seconds", type=float, default=600.0,
                     help="wall-time limit of one load test in seconds (default: 600)")
     group.addoption("--ablation-seed", default="imgbench-2023",
@@ -90,6 +96,7 @@ def pytest_configure(config: pytest.Config) -> None:
             load_requests=config.getoption("load_requests"),
             load_concurrency=config.getoption("load_concurrency"),
             load_max_seconds=config.getoption("load_max_seconds"),
+            load_warmup=config.getoption("load_warmup"),
             seed=config.getoption("ablation_seed"),
             cache_dir=config.getoption("cache_dir"),
             live=live,
@@ -261,3 +268,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for line in format_summary_table(writer.records).splitlines():
         terminalreporter.write_line(line)
     terminalreporter.write_line(f"results written to {writer.path}")
+    report_dir = config.getoption("report_dir")
+    if report_dir:
+        _write_report(terminalreporter, writer.path, Path(report_dir))
+
+
+def _write_report(terminalreporter, results_path: Path, report_dir: Path) -> None:
+    """Render the HTML report of this run; a failure here never touches the results."""
+    from imgbench.report import generate_report
+
+    try:
+        written = generate_report([results_path], report_dir, published=True)
+    except Exception as exc:  # reported in the summary; the result file is already complete
+        logger.exception("rendering the report into %s failed", report_dir)
+        terminalreporter.write_line(f"report not written: {type(exc).__name__}: {exc}; "
+                                    f"run 'imgbench report {results_path} --out {report_dir}' to retry", red=True)
+        return
+    terminalreporter.write_line(f"report written to {written.html_path}")

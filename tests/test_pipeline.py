@@ -27,7 +27,8 @@ def serial_run(mini_datasets: Path, shared_cache_dir: Path, tmp_path_factory: py
     results = tmp_path_factory.mktemp("serial") / "results.json"
     completed = run_benchmark(["--datasets-dir", str(mini_datasets), "--datasets", "beans",
                                "--ablations", "5,10,20", "--load-requests", "30", "--load-concurrency", "4",
-                               "--results", str(results)], shared_cache_dir)
+                               "--results", str(results), "--report-dir", str(results.parent / "report")],
+                              shared_cache_dir)
     return completed, json.loads(results.read_text())
 
 
@@ -55,6 +56,15 @@ def test_summary_table_printed(serial_run):
     assert "local     beans" in completed.stdout
 
 
+def test_report_rendered_after_run(serial_run, tmp_path_factory):
+    completed, document = serial_run
+    assert "report written to" in completed.stdout
+    html_path = Path(completed.stdout.split("report written to ", 1)[1].splitlines()[0])
+    html = html_path.read_text()
+    assert "local-beans-10" in html
+    assert "data:image/png;base64," in html
+
+
 def test_records_hold_every_field(serial_run):
     _, document = serial_run
     records = by_case(document)
@@ -70,6 +80,8 @@ def test_record_values_are_plausible(serial_run):
     assert record["mode"] == "local"
     assert record["training_images"] == 3 * 8
     assert record["validation_images"] == 3 * 2
+    assert record["sent_as_training"] == 3 * 10
+    assert record["sent_as_validation"] == 0
     assert record["test_images"] == 12
     assert 0.0 <= record["classification"]["accuracy"] <= 1.0
     assert len(record["classification"]["confusion_matrix"]) == 3
