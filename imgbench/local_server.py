@@ -83,7 +83,8 @@ class MicroBatcher:
             try:
                 features = features_from_pixels(np.concatenate([item[0] for item in batch]), self.spec)
                 probabilities = self.classifier.predict_proba(features)
-            except Exception as exc:  # handed to every waiting request, which answers 500
+            except Exception as exc:  # handed to every waiting request, which responds with a 500
+                logger.exception("forward pass failed for a batch of %d requests", len(batch))
                 for _, done, slot in batch:
                     slot["error"] = exc
                     done.set()
@@ -139,7 +140,7 @@ def make_handler(batcher: MicroBatcher, classes: list[str]) -> type[BaseHTTPRequ
             except ImageDecodeError as exc:
                 self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
                 return
-            except Exception as exc:  # answered as a 500 and logged with its traceback
+            except Exception as exc:  # returned as a 500 and logged with its traceback
                 logger.exception("local endpoint failed on a request")
                 self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}: {exc}"})
                 return

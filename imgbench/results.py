@@ -131,7 +131,7 @@ class ResultWriter:
 
 
 def iter_records(document: dict) -> list[dict]:
-    """All case records of a result document, measured or not."""
+    """Return every case record of a result document, measured or not."""
     records = [entry["extra_info"] for entry in document.get("benchmarks", []) if "extra_info" in entry]
     records += document.get("imgbench", {}).get("unmeasured_cases", [])
     return records

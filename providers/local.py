@@ -46,7 +46,7 @@ class LocalOptions:
     regularization_c: float = 0.1
     cache_dir: Path | None = None
     use_cache: bool = True
-    # Seconds to wait for the server to answer /health after it starts.
+    # Seconds to wait for the server to respond to /health after it starts.
     deploy_timeout_s: float = 30.0
     request_timeout_s: float = 60.0
     # torch intra-op threads of the endpoint process; 0 keeps torch's default.
@@ -147,14 +147,14 @@ class LocalProvider(Provider):
         environment = dict(os.environ)
         package_parent = str(Path(imgbench.__file__).resolve().parents[1])
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, environment.get("PYTHONPATH")]))
-        # The server's log goes to a file, so a chatty server can never block on a full pipe.
+        # The server's log goes to a file rather than a pipe that nobody reads, which would block the server once full.
         with open(workdir / "server.log", "w") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=environment)
         url = self._read_url(process, workdir / "server.log")
         endpoint = LocalEndpoint(url=url, process=process, workdir=workdir)
         self._endpoints.append(endpoint)
         self._wait_until_healthy(endpoint)
-        logger.info("local endpoint answering at %s (pid %d)", endpoint.url, process.pid)
+        logger.info("local endpoint ready at %s (pid %d)", endpoint.url, process.pid)
         return endpoint
 
     def _read_url(self, process: subprocess.Popen, log_path: Path) -> str:
@@ -185,7 +185,7 @@ class LocalProvider(Provider):
                 last_error = exc
             time.sleep(0.05)
         raise ProviderTimeoutError(
-            f"local endpoint {endpoint.url} did not answer /health within {self.options.deploy_timeout_s} s "
+            f"local endpoint {endpoint.url} did not respond to /health within {self.options.deploy_timeout_s} s "
             f"(last error: {last_error})"
         )
 
@@ -195,7 +195,7 @@ class LocalProvider(Provider):
         if response.status_code == HTTPStatus.BAD_REQUEST:
             raise InvalidInputError(f"local endpoint rejected the image: {response.json().get('error')}")
         if response.status_code != HTTPStatus.OK:
-            raise ServiceFailureError(f"local endpoint answered HTTP {response.status_code}: {response.text[:200]}")
+            raise ServiceFailureError(f"local endpoint returned HTTP {response.status_code}: {response.text[:200]}")
         body = response.json()
         return Prediction(label=body["label"], confidence=float(body["confidence"]))
 
