@@ -77,7 +77,7 @@ def load_model(spec: BackboneSpec):
     """Load the backbone once per process and input size, ready for inference.
 
     The model is traced and frozen with TorchScript and runs in channels-last
-    memory layout: together about 1.8 times the eager model's throughput on
+    memory layout: together 1.6 to 1.9 times the eager model's throughput on
     this project's 2-core machine (see BENCHMARKS.md).
     """
     key = (spec.name, spec.image_size)
