@@ -110,7 +110,8 @@ def plan_ablation(dataset: LoadedDataset, images_per_class: int, seed: str = DEF
         name, count = min(short.items(), key=lambda item: item[1])
         raise AblationSkipped(
             f"ablation {images_per_class} skipped for dataset {dataset.key!r}: class {name!r} has only "
-            f"{count} training images (smallest class); choose an ablation of at most {count}"
+            f"{count} training images (smallest class); choose an ablation of at most "
+            f"{count // VALIDATION_EVERY * VALIDATION_EVERY}"
         )
 
     planned: list[PlannedImage] = []

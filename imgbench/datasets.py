@@ -85,13 +85,14 @@ class ImageRecord:
 
 @dataclass
 class ScanReport:
-    """What scanning found besides usable images, with counts per problem."""
+    """Problems found while scanning, besides the usable images, with counts per kind."""
 
     junk: list[str] = field(default_factory=list)
     undecodable: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     train_test_duplicates: list[str] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
+    label_conflicts: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {
@@ -100,6 +101,7 @@ class ScanReport:
             "duplicates": len(self.duplicates),
             "train_test_duplicates": len(self.train_test_duplicates),
             "empty_classes": len(self.empty_classes),
+            "label_conflicts": len(self.label_conflicts),
         }
 
     def summary(self) -> str:
@@ -143,7 +145,7 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """Where one dataset's files come from: a folder, or the Hub through a cache."""
+    """The source of one dataset's files: a folder, or the Hub through a cache."""
 
     key: str
     kind: str  # "folder", "mirror" or "hub"
@@ -175,7 +177,7 @@ def resolve_source(
             raise DatasetError(
                 f"dataset {key!r} is missing from the datasets folder {str(mirror)!r} "
                 f"(it holds: {', '.join(present) or 'nothing'}); add {key}/<split>/<class>/<image> "
-                f"there, or unset {DATASETS_DIR_ENV} to download from the Hugging Face Hub"
+                f"there, or leave out --datasets-dir and {DATASETS_DIR_ENV} to download from the Hugging Face Hub"
             )
         return DatasetSource(key, "mirror", str(folder))
     if spec.hub_id is None:
@@ -286,6 +288,12 @@ def scan_folder(root: Path, key: str, source: str, train_split: str = "train",
             f"{train_split!r}; lay images out as {train_split}/<class>/<image>"
         )
     unknown_test = sorted(set(class_sets["test"]) - set(classes))
+    emptied_folders = [name for name in unknown_test if (_find_split_dir(root, train_split) / name).is_dir()]
+    if emptied_folders:
+        raise DatasetError(
+            f"dataset {key!r}: the training folders {emptied_folders} under {train_split!r} have no usable images "
+            f"(see the scan: {report.summary()}); add decodable images to them"
+        )
     if unknown_test:
         raise DatasetError(
             f"dataset {key!r}: test classes {unknown_test} have no training images; "
@@ -318,14 +326,15 @@ def scan_folder(root: Path, key: str, source: str, train_split: str = "train",
 
 def _scan_split(split_dir: Path, split: str, report: ScanReport) -> tuple[list[ImageRecord], list[str]]:
     records: list[ImageRecord] = []
-    classes: list[str] = []
-    seen: dict[str, Path] = {}
+    seen: dict[str, ImageRecord] = {}
+    conflicting: set[str] = set()
+    class_names = []
     for entry in sorted(split_dir.iterdir(), key=lambda p: p.name):
         if not entry.is_dir():
             report.junk.append(str(entry))
             continue
+        class_names.append(entry.name)
         files = sorted((p for p in entry.rglob("*") if p.is_file()), key=lambda p: p.as_posix())
-        class_records = []
         for path in files:
             if is_junk_name(path):
                 report.junk.append(str(path))
@@ -336,17 +345,29 @@ def _scan_split(split_dir: Path, split: str, report: ScanReport) -> tuple[list[I
                 report.undecodable.append(str(exc))
                 logger.warning("skipping undecodable image: %s", exc)
                 continue
-            if info.sha256 in seen:
-                report.duplicates.append(f"{path} (same bytes as {seen[info.sha256]})")
+            first = seen.get(info.sha256)
+            if first is not None and first.label != entry.name:
+                # The same bytes under two labels: neither label can be trusted.
+                report.label_conflicts.append(f"{path} (class {entry.name!r}) has the same bytes as "
+                                              f"{first.path} (class {first.label!r})")
+                conflicting.add(info.sha256)
                 continue
-            seen[info.sha256] = path
-            class_records.append(ImageRecord(path=path, label=entry.name, sha256=info.sha256, split=split))
-        if not class_records:
-            report.empty_classes.append(f"{split}/{entry.name}")
-            logger.warning("class folder %s has no usable images and is ignored", entry)
-            continue
-        classes.append(entry.name)
-        records.extend(class_records)
+            if first is not None:
+                report.duplicates.append(f"{path} (same bytes as {first.path})")
+                continue
+            record = ImageRecord(path=path, label=entry.name, sha256=info.sha256, split=split)
+            seen[info.sha256] = record
+            records.append(record)
+    if conflicting:
+        logger.warning("%s: %d images appear under two class labels and are left out", split_dir, len(conflicting))
+        records = [record for record in records if record.sha256 not in conflicting]
+    classes = []
+    for name in class_names:
+        if any(record.label == name for record in records):
+            classes.append(name)
+        else:
+            report.empty_classes.append(f"{split}/{name}")
+            logger.warning("class folder %s has no usable images and is ignored", split_dir / name)
     return records, classes
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from pathlib import Path
 
@@ -39,7 +40,7 @@ CONFIG_KEY = pytest.StashKey[BenchConfig]()
 RECORD_KEY = pytest.StashKey[dict]()
 WRITER_KEY = pytest.StashKey[ResultWriter]()
 
-# Longest error message kept in a record, in characters.
+# Maximum length of an error message kept in a record, in characters.
 MAX_ERROR_CHARS = 2000
 
 
@@ -112,7 +113,28 @@ def pytest_configure(config: pytest.Config) -> None:
             f"a live run needs the credentials {', '.join(missing)}; set them, or leave out -m live / --live "
             "to replay the recorded cassettes"
         )
+    try:
+        check_run_settings(bench_config)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from exc
     config.stash[CONFIG_KEY] = bench_config
+
+
+def check_run_settings(bench_config: BenchConfig) -> None:
+    """Fail at start, not after the first case, on an unusable result path or local setting."""
+    results_dir = bench_config.results_path.parent
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        probe = results_dir / f".imgbench-write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write results to {str(bench_config.results_path)!r} ({exc.strerror}); "
+                          "choose a writable path with --results") from exc
+    if "local" in bench_config.providers:
+        from providers.local import options_from_env
+
+        options_from_env()
 
 
 def markexpr_selects_live(markexpr: str) -> bool:

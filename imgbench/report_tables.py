@@ -38,10 +38,16 @@ INTEGER_COLUMNS = ("ablation", "test_images", "failed_predictions", "load_reques
 MEANS_COLUMNS = ("service", "dataset", "ablation", "runs", "mode", "timings", "dataset_source")
 
 
-def service_label(provider: str, mode: str | None) -> str:
-    """Return the service name of a record: the provider, plus the mode where it differs."""
+def service_label(provider: str, mode: str | None, recorded_against: str | None = None) -> str:
+    """Return the service name of a record: the provider, plus the mode where it differs.
+
+    A replay names what its cassette was recorded against, as in
+    ``nyckel (replay of emulator)``.
+    """
     if not mode or mode in PLAIN_MODES or mode == provider:
         return provider
+    if mode == "replay" and recorded_against:
+        return f"{provider} (replay of {recorded_against})"
     return f"{provider} ({mode})"
 
 
@@ -88,7 +94,8 @@ def _case_row(result: LoadedResults, source: str, record: dict) -> dict:
 
     return {
         "source": source, "run_id": result.run_id, "case_id": record["case_id"],
-        "service": service_label(record["provider"], mode), "provider": record["provider"],
+        "service": service_label(record["provider"], mode, (record.get("cassette") or {}).get("recorded_against")),
+        "provider": record["provider"],
         "mode": mode or NOT_RECORDED, "dataset": record["dataset"], "ablation": record["ablation"],
         "status": record["status"], "timings": MEASURED if measured else NOT_MEASURED,
         "dataset_source": record.get("dataset_source") or NOT_RECORDED,

@@ -4,10 +4,11 @@ A measured case becomes one entry of ``benchmarks``: its statistics are the
 latencies of the test-set requests (one round per test image, one iteration
 each, never auto-calibrated), computed with pytest-benchmark's own ``Stats``,
 and everything else (accuracy, timings, load test, manifest hash, versions)
-sits in ``extra_info``. A case without one successful test-set request (it
-failed or was skipped before, or every request failed) has no statistics, so
-it goes to ``imgbench.unmeasured_cases`` instead, where ``pytest-benchmark
-compare`` does not look.
+sits in ``extra_info``. A case without one measured test-set request (it
+failed or was skipped before, every request failed, or it was replayed, so
+its times are not the service's) has no statistics, so it goes to
+``imgbench.unmeasured_cases`` instead, where ``pytest-benchmark compare``
+does not look.
 
 imgbench writes this file itself instead of through the ``benchmark`` fixture
 because pytest-benchmark turns itself off under pytest-xdist; this way
@@ -61,7 +62,13 @@ def latency_stats(latencies_s: list[float]) -> dict:
 
 
 def has_latency_data(record: dict) -> bool:
-    """True when at least one test-set request of the case succeeded."""
+    """True when at least one test-set request succeeded and its latency is a measurement.
+
+    A replayed record's latencies time the replay, not the service, so it has
+    no latency data in this sense.
+    """
+    if not record.get("timings_measured", True):
+        return False
     return any(row.get("error") is None and row.get("latency_s") is not None
                for row in record.get("predictions", []))
 

@@ -11,6 +11,7 @@ the HTTP API).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -54,7 +55,7 @@ class LocalOptions:
 
     def __post_init__(self) -> None:
         get_backbone(self.backbone, self.image_size)
-        if self.regularization_c <= 0:
+        if not math.isfinite(self.regularization_c) or self.regularization_c <= 0:
             raise ConfigError(f"invalid regularization_c {self.regularization_c}; use a positive number")
 
 
@@ -96,6 +97,7 @@ class LocalProvider(Provider):
         cache_root = self.options.cache_dir or default_cache_dir()
         self.cache = EmbeddingCache(cache_root, self.spec) if self.options.use_cache else None
         self._endpoints: list[LocalEndpoint] = []
+        self._workdirs: list[Path] = []
 
     @classmethod
     def from_config(cls, bench_config) -> "LocalProvider":
@@ -136,6 +138,7 @@ class LocalProvider(Provider):
 
     def deploy(self, model: LocalModel) -> LocalEndpoint:
         workdir = Path(tempfile.mkdtemp(prefix="imgbench-local-"))
+        self._workdirs.append(workdir)
         model_path = workdir / "model.pkl"
         with open(model_path, "wb") as handle:
             pickle.dump({"classifier": model.classifier, "classes": list(model.classes),
@@ -150,9 +153,11 @@ class LocalProvider(Provider):
         # The server's log goes to a file rather than a pipe that nobody reads, which would block the server once full.
         with open(workdir / "server.log", "w") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=environment)
-        url = self._read_url(process, workdir / "server.log")
-        endpoint = LocalEndpoint(url=url, process=process, workdir=workdir)
+        # Registered before waiting, so teardown stops the process and removes the
+        # folder even when the wait is interrupted.
+        endpoint = LocalEndpoint(url="", process=process, workdir=workdir)
         self._endpoints.append(endpoint)
+        endpoint.url = self._read_url(process, workdir / "server.log")
         self._wait_until_healthy(endpoint)
         logger.info("local endpoint ready at %s (pid %d)", endpoint.url, process.pid)
         return endpoint
@@ -210,23 +215,28 @@ class LocalProvider(Provider):
                 endpoint.process.wait(timeout=10)
             if endpoint.process.stdout:
                 endpoint.process.stdout.close()
-            shutil.rmtree(endpoint.workdir, ignore_errors=True)
-            logger.info("local endpoint %s stopped", endpoint.url)
+            logger.info("local endpoint %s stopped", endpoint.url or f"(pid {endpoint.process.pid})")
+        while self._workdirs:
+            shutil.rmtree(self._workdirs.pop(), ignore_errors=True)
 
 
-def _env_number(name: str, kind: type, example: str):
+def _env_number(name: str, kind: type, valid: str, low: float, high: float):
     value = os.environ.get(name)
     if not value:
         return None
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
-        raise ConfigError(f"invalid {name} {value!r}; use a number such as {example}") from None
+        number = None
+    if number is None or not math.isfinite(number) or not low <= number <= high:
+        raise ConfigError(f"invalid {name} {value!r}; use {valid}, or unset it for the default")
+    return number
 
 
 def options_from_env(cache_dir: Path | None = None) -> LocalOptions:
     """Build options from ``IMGBENCH_LOCAL_C`` and ``IMGBENCH_LOCAL_IMAGE_SIZE``."""
-    c = _env_number("IMGBENCH_LOCAL_C", float, "0.1")
-    image_size = _env_number("IMGBENCH_LOCAL_IMAGE_SIZE", int, "256")
+    c = _env_number("IMGBENCH_LOCAL_C", float, "a positive number such as 0.1", 1e-9, 1e9)
+    image_size = _env_number("IMGBENCH_LOCAL_IMAGE_SIZE", int, "a whole number of pixels from 64 to 1024",
+                             64, 1024)
     return LocalOptions(regularization_c=c if c is not None else LocalOptions.regularization_c,
                         image_size=image_size, cache_dir=cache_dir)

@@ -191,7 +191,7 @@ def test_skipped_names_smallest_class() -> None:
     assert "'b'" in message
     assert "only 7 training images" in message
     assert "'tiny'" in message
-    assert "at most 7" in message
+    assert "at most 5" in message
 
 
 def test_skipped_on_real_images(beans_dir: Path) -> None:

@@ -115,6 +115,7 @@ def test_scan_report_counts(messy_beans: dict[str, Path]) -> None:
         "duplicates": 1,
         "train_test_duplicates": 1,
         "empty_classes": 1,
+        "label_conflicts": 0,
     }
 
 
@@ -361,3 +362,27 @@ def test_registry_hubless_datasets_explain() -> None:
     for spec in REGISTRY.values():
         if spec.hub_id is None:
             assert "--dataset-path" in spec.note, spec.key
+
+
+def test_label_conflict_drops_both_copies(tmp_path):
+    """The same image under two class labels is a conflict: both copies leave the pool."""
+    from PIL import Image as PILImage
+
+    root = tmp_path / "conflict"
+    for split, count in (("train", 3), ("test", 1)):
+        for label, colour in (("cat", (200, 10, 10)), ("dog", (10, 200, 10))):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(count):
+                PILImage.new("RGB", (8, 8), (colour[0], colour[1] + index + (10 if split == "test" else 0), 5)).save(
+                    folder / f"{index}.png")
+    shared = root / "train" / "cat" / "0.png"
+    (root / "train" / "dog" / "shared.png").write_bytes(shared.read_bytes())
+
+    dataset = scan_folder(root, key="conflict", source="test")
+
+    assert dataset.report.counts()["label_conflicts"] == 1
+    assert "class 'dog'" in dataset.report.label_conflicts[0]
+    assert "class 'cat'" in dataset.report.label_conflicts[0]
+    assert all(record.path != shared for record in dataset.train)
+    assert dataset.class_counts("train") == {"cat": 2, "dog": 3}

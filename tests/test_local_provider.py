@@ -154,3 +154,21 @@ def test_concurrent_requests_share_batches(deployed, beans):
     assert len(labels) == len(images)
     assert after["images"] - before["images"] == len(images)
     assert after["batches"] - before["batches"] < len(images)
+
+
+def test_teardown_after_interrupted_deploy(beans, shared_cache_dir, monkeypatch):
+    """A deploy interrupted while waiting leaves nothing behind once teardown runs."""
+    provider = LocalProvider(LocalOptions(cache_dir=shared_cache_dir))
+    plan = plan_ablation(beans, 5)
+    model = provider.train(provider.upload(TrainingSet("t", plan.classes, plan.images)))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(provider, "_read_url", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        provider.deploy(model)
+    endpoint = provider._endpoints[0]
+    provider.teardown()
+    assert endpoint.process.poll() is not None
+    assert not endpoint.workdir.exists()

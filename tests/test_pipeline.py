@@ -53,7 +53,7 @@ def test_serial_run_passes(serial_run):
 def test_summary_table_printed(serial_run):
     completed, _ = serial_run
     assert "imgbench results" in completed.stdout
-    assert "local     beans" in completed.stdout
+    assert "local     local  beans" in completed.stdout
 
 
 def test_report_rendered_after_run(serial_run, tmp_path_factory):
@@ -176,3 +176,19 @@ def test_corrupt_image_is_reported(mini_datasets, shared_cache_dir, tmp_path):
     assert record["dataset_scan"]["junk"] == 1
     paths = {row["path"] for row in json.loads(Path(record["manifest_path"]).read_text())["images"]}
     assert not any(path.endswith("broken.jpg") for path in paths)
+
+
+def test_unwritable_results_is_usage_error(shared_cache_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    completed = run_benchmark(["--results", str(blocker / "deep" / "results.json")], shared_cache_dir, timeout=120)
+    assert completed.returncode == 4
+    assert "cannot write results to" in completed.stderr
+    assert "--results" in completed.stderr
+
+
+def test_bad_local_setting_is_usage_error(shared_cache_dir, monkeypatch):
+    monkeypatch.setenv("IMGBENCH_LOCAL_C", "nan")
+    completed = run_benchmark(["--ablations", "5"], shared_cache_dir, timeout=120)
+    assert completed.returncode == 4
+    assert "invalid IMGBENCH_LOCAL_C 'nan'" in completed.stderr
