@@ -8,7 +8,7 @@ takes the first N of that ranking, so the 5-image sample is inside the
 
 Roles follow the 2023 study's 80/20 training/validation split: within the
 ranking every fifth image (positions 4, 9, 14, ...) is a validation image, so
-any N that is a multiple of 5 holds exactly N/5 validation images (1 of 5, 4
+any N that is a multiple of 5 contains exactly N/5 validation images (1 of 5, 4
 of 20) and the roles are nested as well. A provider that validates internally
 receives all N images as training images.
 """

@@ -4,7 +4,7 @@ Precedence: built-in defaults, then environment variables, then command-line
 options. Unknown providers, datasets or ablations fail with the valid values.
 
 Each provider runs in one mode per run: ``local`` for a provider that runs on
-this machine; for a cloud service ``replay`` (the default: answers come from
+this machine; for a cloud service ``replay`` (the default: responses come from
 its cassettes), ``emulator`` (a service URL such as ``--nyckel-url`` was
 given) or ``live`` (the real service).
 """

@@ -27,7 +27,7 @@ class DatasetError(ImgbenchError):
 
 
 class AblationSkipped(ImgbenchError):
-    """An ablation asks for more images per class than the dataset has."""
+    """An ablation requests more images per class than the dataset has."""
 
     kind = "skipped"
 

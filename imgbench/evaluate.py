@@ -21,7 +21,7 @@ InvokeFn = Callable[[requests.Session, bytes], object]
 def evaluate_test_set(invoke: InvokeFn, test_set: Sequence[ImageRecord], root: Path | None = None) -> list[dict]:
     """Invoke the endpoint once per test image, in test-set order, on one session.
 
-    Each row holds the image's path (relative to ``root`` when given), hash,
+    Each row contains the image's path (relative to ``root`` when given), hash,
     true label, predicted label and confidence, and the request's latency in
     seconds until the response body was read. A failed request gives a row
     with ``predicted`` None and the error's kind and message.

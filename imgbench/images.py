@@ -35,7 +35,7 @@ class ImageDecodeError(ValueError):
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What scanning learnt about one decodable image file."""
+    """Facts that scanning found about one decodable image file."""
 
     sha256: str
     width: int

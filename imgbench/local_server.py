@@ -2,7 +2,7 @@
 
 Start it with ``python -m imgbench.local_server --model MODEL.pkl``. It binds to
 127.0.0.1 on a free port (or ``--port``), prints one line
-``listening on http://127.0.0.1:PORT`` to stdout once it answers, and exits
+``listening on http://127.0.0.1:PORT`` to stdout once it accepts requests, and exits
 when its parent process exits, so a killed benchmark run leaves no server
 behind.
 
@@ -47,8 +47,8 @@ class MicroBatcher:
     GIL), then queue the preprocessed array. One inference thread takes every
     queued array, up to ``max_batch``, and runs a single forward pass, so ten
     concurrent requests cost one batched pass instead of ten passes competing
-    for the same cores. A lone request is served at once: the thread never
-    waits for a batch to fill.
+    for the same cores. A lone request is served at once, because the thread
+    takes whatever is queued and never waits for a batch to fill.
     """
 
     def __init__(self, classifier: Any, spec, max_batch: int = 16):

@@ -183,7 +183,7 @@ def new_record(item: pytest.Item, case: CaseSpec, bench_config: BenchConfig) -> 
     """Start the record of one case; fixtures and the test fill it in.
 
     A replayed case's timings measure the replay, not the service, so its
-    record says ``timings_measured: false``.
+    record has ``timings_measured: false``.
     """
     mode = bench_config.case_mode(case)
     record = {

@@ -22,7 +22,7 @@ What a cassette stores:
 * A request that always got the same response is stored once, and a
   replayed request that matches only interactions already played gets the
   last of them again. The load test sends each test image many times, so a
-  cassette holds one invoke per distinct test image. Requests answered
+  cassette contains one invoke per distinct test image. Requests answered
   differently over time (status polls, retried 429s) keep their sequence.
 
 Replay is strict: a request with no recorded match raises

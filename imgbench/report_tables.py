@@ -19,6 +19,7 @@ import pandas as pd
 from imgbench.reference import published_results, published_throughput
 from imgbench.report_charts import NOT_MEASURED
 from imgbench.resultfiles import LoadedResults
+from imgbench.summary import mode_label
 
 MEASURED = "measured"
 NOT_RECORDED = "not recorded"
@@ -38,16 +39,14 @@ INTEGER_COLUMNS = ("ablation", "test_images", "failed_predictions", "load_reques
 MEANS_COLUMNS = ("service", "dataset", "ablation", "runs", "mode", "timings", "dataset_source")
 
 
-def service_label(provider: str, mode: str | None, recorded_against: str | None = None) -> str:
+def service_label(provider: str, mode: str | None) -> str:
     """Return the service name of a record: the provider, plus the mode where it differs.
 
-    A replay names what its cassette was recorded against, as in
-    ``nyckel (replay of emulator)``.
+    ``mode`` is ``imgbench.summary.mode_label``'s text, so a replay names what
+    its cassette was recorded against, as in ``nyckel (replay of emulator)``.
     """
     if not mode or mode in PLAIN_MODES or mode == provider:
         return provider
-    if mode == "replay" and recorded_against:
-        return f"{provider} (replay of {recorded_against})"
     return f"{provider} ({mode})"
 
 
@@ -94,7 +93,7 @@ def _case_row(result: LoadedResults, source: str, record: dict) -> dict:
 
     return {
         "source": source, "run_id": result.run_id, "case_id": record["case_id"],
-        "service": service_label(record["provider"], mode, (record.get("cassette") or {}).get("recorded_against")),
+        "service": service_label(record["provider"], mode_label(record) if mode else None),
         "provider": record["provider"],
         "mode": mode or NOT_RECORDED, "dataset": record["dataset"], "ablation": record["ablation"],
         "status": record["status"], "timings": MEASURED if measured else NOT_MEASURED,

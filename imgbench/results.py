@@ -1,10 +1,10 @@
 """Case records and the result file, in pytest-benchmark's JSON format.
 
-A measured case becomes one entry of ``benchmarks``: its statistics are the
+A measured case becomes one entry of ``benchmarks``. Its statistics are the
 latencies of the test-set requests (one round per test image, one iteration
-each, never auto-calibrated), computed with pytest-benchmark's own ``Stats``,
-and everything else (accuracy, timings, load test, manifest hash, versions)
-sits in ``extra_info``. A case without one measured test-set request (it
+each, never auto-calibrated), computed with pytest-benchmark's own ``Stats``.
+Everything else (accuracy, timings, load test, manifest hash, versions) is in
+``extra_info``. A case without one measured test-set request (it
 failed or was skipped before, every request failed, or it was replayed, so
 its times are not the service's) has no statistics, so it goes to
 ``imgbench.unmeasured_cases`` instead, where ``pytest-benchmark compare``

@@ -1,7 +1,7 @@
 """The contract every provider implements, and the values that cross it.
 
 A provider object serves one benchmark case: it uploads that case's training
-set, trains, deploys, answers ``invoke`` calls, and ``teardown`` deletes
+set, trains, deploys, serves ``invoke`` calls, and ``teardown`` deletes
 everything it created. Phases are separate methods so the suite can time
 upload, training and deployment on its own clock.
 """
@@ -30,7 +30,7 @@ class Prediction:
 
 @dataclass(frozen=True)
 class TrainingSet:
-    """What a provider uploads for one case: class names and labelled images."""
+    """The training data a provider uploads for one case: class names and labelled images."""
 
     case_id: str
     classes: tuple[str, ...]
@@ -110,7 +110,7 @@ class Provider(ABC):
 
     @abstractmethod
     def deploy(self, model: Any) -> Any:
-        """Make ``model`` answer requests; return once the endpoint answers."""
+        """Make ``model`` serve requests; return once the endpoint responds."""
 
     @abstractmethod
     def invoke(self, endpoint: Any, image: bytes, session: requests.Session) -> Prediction:

@@ -1,11 +1,11 @@
 """The local provider: a pretrained backbone with a linear classifier, served over HTTP.
 
 It is the free baseline that runs anywhere. ``train`` embeds the training
-images (reusing cached embeddings) and fits a multinomial logistic regression;
-``deploy`` starts ``imgbench.local_server`` as a separate process on
-127.0.0.1 that embeds each posted image and returns the top label, so every
-prediction crosses a real socket like a cloud endpoint's (see that module for
-the HTTP API).
+images (reusing cached embeddings) and fits a multinomial logistic
+regression. ``deploy`` starts ``imgbench.local_server`` as a separate process
+on 127.0.0.1, which embeds each posted image and returns the top label. So
+every prediction crosses a real socket like a cloud endpoint's (see that
+module for the HTTP API).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class LocalProvider(Provider):
         environment = dict(os.environ)
         package_parent = str(Path(imgbench.__file__).resolve().parents[1])
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, environment.get("PYTHONPATH")]))
-        # The server's log goes to a file rather than a pipe that nobody reads, which would block the server once full.
+        # The server's log goes to a file: an unread pipe would block the server once full.
         with open(workdir / "server.log", "w") as log:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=environment)
         # Registered before waiting, so teardown stops the process and removes the

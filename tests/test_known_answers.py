@@ -55,8 +55,8 @@ def numbered_payloads(count: int) -> list[bytes]:
 
 def measured_truth_s(server: TimingServer, measured: list[bytes]) -> list[float]:
     """Applied delays of the measured (not warm-up) requests, as the server recorded them."""
-    wanted = set(measured)
-    return [record.applied_s for record in server.records() if record.body_prefix in wanted]
+    expected_bodies = set(measured)
+    return [record.applied_s for record in server.records() if record.body_prefix in expected_bodies]
 
 
 @pytest.fixture(scope="module")

@@ -232,7 +232,7 @@ class NyckelEmulator:
     # Request handling ---------------------------------------------------------
 
     def handle(self, method: str, target: str, headers, body: bytes) -> tuple[int, dict | list]:
-        """Answer one request; returns (HTTP status, JSON body)."""
+        """Handle one request and return (HTTP status, JSON body)."""
         parts = urlsplit(target)
         path, query = parts.path, parse_qs(parts.query)
         with self._lock:
@@ -455,7 +455,7 @@ def _json_body(body: bytes) -> dict:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Headers and body go out in separate writes; with Nagle's algorithm and
-    # delayed ACKs that adds about 40 ms to every keep-alive answer.
+    # delayed ACKs that adds about 40 ms to every keep-alive response.
     disable_nagle_algorithm = True
     emulator: NyckelEmulator
 
@@ -464,7 +464,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         try:
             status, payload = self.emulator.handle(self.command, self.path, self.headers, body)
-        except Exception:  # a bug in the emulator: answer 500 so the client sees it, and log it
+        except Exception:  # a bug in the emulator: respond with 500 so the client sees it, and log it
             logger.exception("Nyckel emulator failed on %s %s", self.command, self.path)
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"message": "emulator error"}
         data = json.dumps(payload).encode("utf-8")
