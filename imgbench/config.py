@@ -28,7 +28,12 @@ DEFAULT_DATASETS = ("beans", "xrays")
 DEFAULT_CASSETTE_DIR = Path("cassettes")
 RUN_MODES = ("local", "replay", "emulator", "live")
 # Environment variables that set a cloud provider's service URL (emulator mode).
-SERVICE_URL_ENV = {"nyckel": "IMGBENCH_NYCKEL_URL"}
+SERVICE_URL_ENV = {
+    "nyckel": "IMGBENCH_NYCKEL_URL",
+    "aws": "IMGBENCH_AWS_URL",
+    "vertex": "IMGBENCH_VERTEX_URL",
+    "huggingface": "IMGBENCH_HUGGINGFACE_URL",
+}
 
 
 @dataclass(frozen=True)

@@ -76,15 +76,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(record missing cassettes), new_episodes or all (default: none)")
     group.addoption("--cassette-dir", help="folder of recorded cassettes, <provider>/<case id>.yaml "
                                            "(default: cassettes/ in the root folder)")
-    group.addoption("--nyckel-url", help=f"run Nyckel against this base URL, such as the emulator's "
-                                         f"http://127.0.0.1:PORT (default: ${SERVICE_URL_ENV['nyckel']}; unset "
-                                         "means replay, or the real service in a live run)")
+    for name, variable in SERVICE_URL_ENV.items():
+        group.addoption(f"--{name}-url", help=f"run {name} against this base URL, such as its emulator's "
+                                              f"http://127.0.0.1:PORT (default: ${variable}; unset means replay, "
+                                              "or the real service in a live run)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "emulator: runs a cloud provider against its emulator on 127.0.0.1")
     live = config.getoption("live") or markexpr_selects_live(config.getoption("markexpr", ""))
-    service_urls = {"nyckel": config.getoption("nyckel_url")} if config.getoption("nyckel_url") else {}
+    service_urls = {name: config.getoption(f"{name}_url") for name in SERVICE_URL_ENV
+                    if config.getoption(f"{name}_url")}
     try:
         bench_config = build_config(
             providers=config.getoption("providers"),

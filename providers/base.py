@@ -18,6 +18,7 @@ import requests
 
 from imgbench.ablation import PlannedImage
 from imgbench.errors import ConfigError, MissingCredentialsError
+from imgbench.ledger import NullLedger, RunLedger
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,46 @@ class TrainingSet:
         return [image for image in self.images if image.role == role]
 
 
+@dataclass(frozen=True)
+class Leftover:
+    """A resource found on a service that a run created and did not delete."""
+
+    provider: str
+    kind: str
+    resource_id: str
+    # The run prefix, tag or label that ties the resource to a run.
+    run_marker: str = ""
+    details: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class PriceModel:
+    """A service's list prices in US dollars, with where and when they were read.
+
+    ``None`` marks a price the service does not charge this way.
+    """
+
+    currency: str
+    training_per_hour: float | None
+    endpoint_per_hour: float | None
+    per_1000_requests: float | None
+    storage_per_gb_month: float | None
+    source: str
+    retrieved: str
+    notes: str = ""
+
+
 class Provider(ABC):
-    """One image-classification service under test."""
+    """One image-classification service under test.
+
+    Resource bookkeeping: a cloud provider calls ``note_created`` as soon as a
+    resource's id (or its name, before the create request) is known, and
+    ``note_deleted`` after deleting it, so the run ledger lists whatever a
+    crash leaves behind. When ``keep_model`` is True at teardown (the case was
+    interrupted after training), ``teardown`` deletes everything billed by
+    the hour but keeps the trained model, notes it with state ``kept``, and a
+    resumed run gets it back through ``reuse_model``.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -57,6 +96,13 @@ class Provider(ABC):
     # The pip extra that installs the provider's SDKs, and the modules it needs.
     extra: ClassVar[str | None] = None
     required_modules: ClassVar[tuple[str, ...]] = ()
+    # List prices for the cost estimate; None for a free provider.
+    price_model: ClassVar[PriceModel | None] = None
+
+    # Set by the suite for each case; the defaults serve a provider used on its own.
+    ledger: RunLedger = NullLedger()
+    case_id: str = ""
+    keep_model: bool = False
 
     @classmethod
     def from_config(cls, bench_config: Any) -> "Provider":
@@ -100,6 +146,37 @@ class Provider(ABC):
                 "set them to the service's credentials"
             )
 
+    # Resource bookkeeping ----------------------------------------------------
+
+    def note_created(self, kind: str, resource_id: str, **details: Any) -> None:
+        """List a resource this case created (or is about to create) in the run ledger."""
+        self.ledger.note_created(self.name, self.case_id, kind, resource_id, **details)
+
+    def note_kept(self, kind: str, resource_id: str, **details: Any) -> None:
+        """Mark a resource as left on purpose for a resumed run."""
+        self.ledger.note_state(self.name, kind, resource_id, "kept", **details)
+
+    def note_deleted(self, kind: str, resource_id: str) -> None:
+        self.ledger.note_deleted(self.name, kind, resource_id)
+
+    def reuse_model(self, training_set: "TrainingSet", details: dict) -> Any | None:
+        """Return the model that a ledger entry of kind ``model`` describes, or None when it cannot serve.
+
+        ``details`` are the keyword arguments the provider gave ``note_created``
+        and ``note_kept`` for the model. The default reuses nothing.
+        """
+        return None
+
+    @classmethod
+    def find_leftovers(cls, bench_config: Any, run_marker: str | None) -> list[Leftover]:
+        """List the service's resources made by the run with ``run_marker`` (every imgbench run when None)."""
+        return []
+
+    @classmethod
+    def delete_leftover(cls, bench_config: Any, leftover: Leftover) -> None:
+        """Delete one resource that ``find_leftovers`` returned."""
+        raise NotImplementedError(f"provider {cls.name!r} cannot delete leftovers")
+
     @abstractmethod
     def upload(self, training_set: TrainingSet) -> Any:
         """Send the training images to the service; return a handle for ``train``."""
@@ -118,4 +195,4 @@ class Provider(ABC):
 
     @abstractmethod
     def teardown(self) -> None:
-        """Delete everything this provider object created; safe to call twice."""
+        """Delete everything this provider object created (but a kept model, see above); safe to call twice."""
