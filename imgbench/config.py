@@ -67,6 +67,8 @@ class BenchConfig:
     provider_modes: dict[str, str] = field(default_factory=dict)
     # Service base URLs of providers in emulator mode.
     service_urls: dict[str, str] = field(default_factory=dict)
+    # Provider settings from --provider-option, by provider name; see provider_option().
+    provider_options: dict[str, dict[str, str]] = field(default_factory=dict)
     record_mode: str = DEFAULT_RECORD_MODE
     cassette_dir: Path = DEFAULT_CASSETTE_DIR
 
@@ -75,6 +77,13 @@ class BenchConfig:
 
     def case_mode(self, case: CaseSpec) -> str:
         return self.provider_modes.get(case.provider, "local")
+
+    def provider_option(self, provider: str, key: str, env: str | None = None, default: str | None = None) -> str | None:
+        """Return a provider setting: ``--provider-option``, then the environment variable ``env``, then ``default``."""
+        value = self.provider_options.get(provider, {}).get(key)
+        if value is None and env:
+            value = os.environ.get(env) or None
+        return default if value is None else value
 
 
 def split_names(value: str, option: str) -> tuple[str, ...]:
@@ -159,6 +168,36 @@ def missing_live_credentials(providers: tuple[str, ...], modes: dict[str, str]) 
     return missing
 
 
+def parse_provider_options(values: list[str] | None) -> dict[str, dict[str, str]]:
+    """Parse ``PROVIDER.KEY=VALUE`` settings; providers check their own keys in ``check_provider_options``."""
+    from providers import provider_names
+
+    options: dict[str, dict[str, str]] = {}
+    for item in values or []:
+        target, equals, value = item.partition("=")
+        provider, dot, key = target.partition(".")
+        if not equals or not dot or not provider or not key:
+            raise ConfigError(f"invalid --provider-option {item!r}; use PROVIDER.KEY=VALUE, such as aws.bucket=NAME")
+        if provider not in provider_names():
+            raise ConfigError(f"unknown provider {provider!r} in --provider-option {item!r}; "
+                              f"valid providers: {', '.join(provider_names())}")
+        options.setdefault(provider, {})[key] = value
+    return options
+
+
+def check_provider_options(options: dict[str, dict[str, str]]) -> None:
+    """Raise ConfigError for a key that its provider does not read (``Provider.option_keys``)."""
+    from providers import get_provider_class
+
+    for provider, values in options.items():
+        known = get_provider_class(provider).option_keys
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            valid = ", ".join(sorted(known)) or "none"
+            raise ConfigError(f"unknown {provider} setting(s) {', '.join(unknown)} in --provider-option; "
+                              f"valid keys: {valid}")
+
+
 def new_run_id() -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{uuid.uuid4().hex[:6]}"
@@ -169,7 +208,8 @@ def build_config(*, providers: str | None, datasets: str | None, ablations: str 
                  run_id: str | None, load_requests: int, load_concurrency: int, load_max_seconds: float,
                  load_warmup: int = 0,
                  seed: str, cache_dir: str | None, live: bool = False, service_urls: dict[str, str] | None = None,
-                 record_mode: str = DEFAULT_RECORD_MODE, cassette_dir: str | None = None) -> BenchConfig:
+                 record_mode: str = DEFAULT_RECORD_MODE, cassette_dir: str | None = None,
+                 provider_options: dict[str, dict[str, str]] | None = None) -> BenchConfig:
     run = run_id or new_run_id()
     selected = parse_providers(providers) if providers is not None else DEFAULT_PROVIDERS
     urls = dict(service_urls or {})
@@ -181,6 +221,7 @@ def build_config(*, providers: str | None, datasets: str | None, ablations: str 
             raise ConfigError(f"invalid {name} service URL {url!r}; use http://HOST:PORT, "
                               "for example http://127.0.0.1:8765")
     record_mode = validate_record_mode(record_mode)
+    check_provider_options(provider_options or {})
     return BenchConfig(
         providers=selected,
         datasets=parse_datasets(datasets) if datasets is not None else DEFAULT_DATASETS,
@@ -195,6 +236,7 @@ def build_config(*, providers: str | None, datasets: str | None, ablations: str 
         cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
         provider_modes=resolve_provider_modes(selected, live, urls, record_mode),
         service_urls=urls,
+        provider_options=dict(provider_options or {}),
         record_mode=record_mode,
         cassette_dir=Path(cassette_dir).expanduser() if cassette_dir else DEFAULT_CASSETTE_DIR,
     )

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 from _pytest.mark.expression import Expression
 
-from imgbench.config import SERVICE_URL_ENV, BenchConfig, CaseSpec, build_config, missing_live_credentials
+from imgbench.config import (SERVICE_URL_ENV, BenchConfig, CaseSpec, build_config, missing_live_credentials,
+                             parse_provider_options)
 from imgbench.datasets import DATASETS_DIR_ENV, parse_dataset_paths
 from imgbench.errors import ConfigError, error_kind
 from imgbench.recording import DEFAULT_RECORD_MODE, RECORD_MODES
@@ -76,6 +77,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "(record missing cassettes), new_episodes or all (default: none)")
     group.addoption("--cassette-dir", help="folder of recorded cassettes, <provider>/<case id>.yaml "
                                            "(default: cassettes/ in the root folder)")
+    group.addoption("--provider-option", action="append", default=[], metavar="PROVIDER.KEY=VALUE",
+                    help="set one provider setting, such as aws.bucket=my-bucket; repeat for more "
+                         "(each provider's documentation lists its keys)")
     for name, variable in SERVICE_URL_ENV.items():
         group.addoption(f"--{name}-url", help=f"run {name} against this base URL, such as its emulator's "
                                               f"http://127.0.0.1:PORT (default: ${variable}; unset means replay, "
@@ -104,6 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
             cache_dir=config.getoption("cache_dir"),
             live=live,
             service_urls=service_urls,
+            provider_options=parse_provider_options(config.getoption("provider_option")),
             record_mode=config.getoption("record_mode"),
             cassette_dir=config.getoption("cassette_dir") or str(config.rootpath / "cassettes"),
         )

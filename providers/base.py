@@ -96,6 +96,8 @@ class Provider(ABC):
     # The pip extra that installs the provider's SDKs, and the modules it needs.
     extra: ClassVar[str | None] = None
     required_modules: ClassVar[tuple[str, ...]] = ()
+    # Keys this provider reads from --provider-option (see BenchConfig.provider_option).
+    option_keys: ClassVar[tuple[str, ...]] = ()
     # List prices for the cost estimate; None for a free provider.
     price_model: ClassVar[PriceModel | None] = None
 

@@ -174,3 +174,31 @@ def test_load_config_rejects_invalid(options: dict, message: str) -> None:
 def test_build_rejects_zero_concurrency() -> None:
     with pytest.raises(ConfigError, match="concurrency 0"):
         make_config(load_concurrency=0)
+
+
+def test_provider_option_parsed_by_provider():
+    from imgbench.config import parse_provider_options
+
+    assert parse_provider_options(["nyckel.a=1", "nyckel.b=x=y"]) == {"nyckel": {"a": "1", "b": "x=y"}}
+
+
+@pytest.mark.parametrize("item", ["nyckel", "nyckel.a", ".a=1", "nyckel.=1"])
+def test_provider_option_malformed(item):
+    from imgbench.config import parse_provider_options
+
+    with pytest.raises(ConfigError, match="PROVIDER.KEY=VALUE"):
+        parse_provider_options([item])
+
+
+def test_provider_option_unknown_provider():
+    from imgbench.config import parse_provider_options
+
+    with pytest.raises(ConfigError, match="unknown provider 'nope'.*valid providers: .*nyckel"):
+        parse_provider_options(["nope.a=1"])
+
+
+def test_provider_option_unknown_key():
+    from imgbench.config import check_provider_options
+
+    with pytest.raises(ConfigError, match="unknown nyckel setting.*colour.*valid keys"):
+        check_provider_options({"nyckel": {"colour": "red"}})
