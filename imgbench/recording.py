@@ -114,6 +114,15 @@ class RecordingRules:
     match_on: tuple[str, ...] = ("method", "path", "query", "body_digest")
     secret_fields: frozenset[str] = SECRET_FIELDS
     sensitive_values: Mapping[str, str | None] = field(default_factory=dict)
+    # Request headers stored and matched besides Content-Type, such as
+    # X-Amz-Target, which names the operation of an AWS JSON request.
+    kept_request_headers: frozenset[str] = KEPT_REQUEST_HEADERS
+    # JSON fields whose string value is base64 image bytes (AWS's ``Bytes``),
+    # stored as ``sha256:<hex>`` of the decoded bytes.
+    digest_fields: frozenset[str] = frozenset()
+    # (regex, replacement) pairs applied to stored URIs and bodies, for values
+    # known only by their shape, such as account ids inside ARNs.
+    text_patterns: tuple[tuple[str, str], ...] = ()
 
 
 def validate_record_mode(value: str) -> str:
@@ -150,14 +159,30 @@ def _digest_data_uri(value: str) -> str:
     return digest_text(data)
 
 
-def scrub_json(value, secret_fields: frozenset[str]):
-    """Return a copy of a JSON value with secret fields redacted and data URIs digested."""
+def _digest_base64(value):
+    """Return ``sha256:<hex>`` of a base64 string's decoded bytes, or ``value`` unchanged."""
+    if not isinstance(value, str) or value.startswith(DIGEST_PREFIX):
+        return value
+    try:
+        return digest_text(base64.b64decode(value, validate=True))
+    except (binascii.Error, ValueError):
+        return value
+
+
+def scrub_json(value, secret_fields: frozenset[str], digest_fields: frozenset[str] = frozenset()):
+    """Return a copy of a JSON value with secret fields redacted and data URIs and ``digest_fields`` digested."""
     if isinstance(value, dict):
-        return {key: (REDACTED if key.lower() in secret_fields and value[key] not in (None, "")
-                      else scrub_json(value[key], secret_fields))
-                for key in value}
+        scrubbed = {}
+        for key, item in value.items():
+            if key.lower() in secret_fields and item not in (None, ""):
+                scrubbed[key] = REDACTED
+            elif key in digest_fields:
+                scrubbed[key] = _digest_base64(item)
+            else:
+                scrubbed[key] = scrub_json(item, secret_fields, digest_fields)
+        return scrubbed
     if isinstance(value, list):
-        return [scrub_json(item, secret_fields) for item in value]
+        return [scrub_json(item, secret_fields, digest_fields) for item in value]
     if isinstance(value, str):
         return _digest_data_uri(value)
     return value
@@ -182,7 +207,8 @@ def _header(headers: Mapping, name: str) -> str:
     return ""
 
 
-def scrub_body(body: bytes | str | None, content_type: str, secret_fields: frozenset[str]) -> bytes | None:
+def scrub_body(body: bytes | str | None, content_type: str, secret_fields: frozenset[str],
+               digest_fields: frozenset[str] = frozenset()) -> bytes | None:
     """Return a body as stored in a cassette: images digested, secrets redacted, JSON canonical."""
     if body is None or body == b"" or body == "":
         return body if body is None else b""
@@ -200,9 +226,24 @@ def scrub_body(body: bytes | str | None, content_type: str, secret_fields: froze
         return _scrub_form(data, secret_fields)
     if media_type.endswith("json") or text[:1] in ("{", "["):
         try:
-            return _canonical_json(scrub_json(json.loads(text), secret_fields))
+            return _canonical_json(scrub_json(json.loads(text), secret_fields, digest_fields))
         except ValueError:
             return data
+    return data
+
+
+def _apply_patterns(data, patterns: tuple[tuple[str, str], ...]):
+    """Return ``data`` (str or bytes) with every (regex, replacement) pair applied; None stays None."""
+    if not patterns or data is None:
+        return data
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data
+        return _apply_patterns(text, patterns).encode("utf-8")
+    for pattern, replacement in patterns:
+        data = re.sub(pattern, replacement, data)
     return data
 
 
@@ -223,10 +264,12 @@ def request_scrubber(rules: RecordingRules) -> Callable:
 
     def scrub(request):
         content_type = _header(request.headers, "content-type")
-        request.uri = _scrub_uri(request.uri, rules.base_url, rules.secret_fields)
-        request.body = scrub_body(request.body, content_type, rules.secret_fields)
+        request.uri = _apply_patterns(_scrub_uri(request.uri, rules.base_url, rules.secret_fields),
+                                      rules.text_patterns)
+        request.body = _apply_patterns(scrub_body(request.body, content_type, rules.secret_fields,
+                                                  rules.digest_fields), rules.text_patterns)
         request.headers = {key: value for key, value in request.headers.items()
-                           if key.lower() in KEPT_REQUEST_HEADERS}
+                           if key.lower() in rules.kept_request_headers}
         return request
 
     return scrub
@@ -246,6 +289,7 @@ def response_scrubber(rules: RecordingRules) -> Callable:
             except ValueError:
                 pass
         response["headers"] = headers
+        body = _apply_patterns(body, rules.text_patterns)
         response["body"] = {"string": body}
         return response
 
@@ -268,6 +312,13 @@ def match_body_digest(r1, r2) -> None:
     first, second = body_digest(r1), body_digest(r2)
     if first != second:
         raise AssertionError(f"body digest {first[:12]} != recorded {second[:12]}")
+
+
+def match_amz_target(r1, r2) -> None:
+    """vcrpy matcher: both requests name the same AWS operation in X-Amz-Target (or neither names one)."""
+    first, second = _header(r1.headers, "x-amz-target"), _header(r2.headers, "x-amz-target")
+    if first != second:
+        raise AssertionError(f"X-Amz-Target {first or '(none)'} != recorded {second or '(none)'}")
 
 
 def _matches(request, stored, matchers) -> bool:
@@ -370,7 +421,12 @@ class DedupingPersister(FilesystemPersister):
 
 def _request_key(request) -> str:
     parts = urlsplit(request.uri)
-    return json.dumps([request.method, parts.path, parts.query, body_digest(request)])
+    key = [request.method, parts.path, parts.query, body_digest(request)]
+    target = _header(request.headers, "x-amz-target")
+    if target:
+        # AWS JSON operations share one path and can share a body, such as Stop- and DeleteProjectVersion.
+        key.append(target)
+    return json.dumps(key)
 
 
 def _response_key(response) -> str:
@@ -417,6 +473,7 @@ def build_vcr(rules: RecordingRules, record_mode: str) -> vcr.VCR:
         filter_sensitive_data=[(placeholder, value) for placeholder, value in rules.sensitive_values.items()],
     )
     recorder.register_matcher("body_digest", match_body_digest)
+    recorder.register_matcher("amz_target", match_amz_target)
     recorder.register_persister(DedupingPersister)
     return recorder
 
@@ -507,7 +564,8 @@ _MISS_REASONS = {
 def _describe_request(request) -> str:
     parts = urlsplit(request.uri)
     query = f"?{parts.query}" if parts.query else ""
-    return f"{request.method} {parts.path}{query}"
+    target = _header(request.headers, "x-amz-target")
+    return f"{request.method} {parts.path}{query}" + (f" ({target})" if target else "")
 
 
 # Sidecar metadata ------------------------------------------------------------
