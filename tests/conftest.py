@@ -20,10 +20,25 @@ CREDENTIAL_VARIABLES = (
 )
 
 
+# AWS settings that would point boto3 at a real account's files or region.
+AWS_CONFIG_VARIABLES = (
+    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_REKOGNITION",
+    "AWS_CA_BUNDLE", "IMGBENCH_AWS_BUCKET", "IMGBENCH_AWS_PREFIX", "IMGBENCH_AWS_REGION", "IMGBENCH_AWS_URL",
+)
+
+
 @pytest.fixture(autouse=True)
-def no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in CREDENTIAL_VARIABLES:
+def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    for name in CREDENTIAL_VARIABLES + AWS_CONFIG_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    # boto3 reads these files even with explicit credentials; point it at empty ones.
+    aws_dir = tmp_path_factory.getbasetemp() / "aws-config"
+    aws_dir.mkdir(exist_ok=True)
+    for variable, name in (("AWS_CONFIG_FILE", "config"), ("AWS_SHARED_CREDENTIALS_FILE", "credentials")):
+        path = aws_dir / name
+        path.touch()
+        monkeypatch.setenv(variable, str(path))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture(scope="session")
