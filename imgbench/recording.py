@@ -266,10 +266,14 @@ def request_scrubber(rules: RecordingRules) -> Callable:
         content_type = _header(request.headers, "content-type")
         request.uri = _apply_patterns(_scrub_uri(request.uri, rules.base_url, rules.secret_fields),
                                       rules.text_patterns)
-        request.body = _apply_patterns(scrub_body(request.body, content_type, rules.secret_fields,
+        request.body = _apply_patterns(scrub_body(_request_body(request), content_type, rules.secret_fields,
                                                   rules.digest_fields), rules.text_patterns)
-        request.headers = {key: value for key, value in request.headers.items()
-                           if key.lower() in rules.kept_request_headers}
+        request.headers = {key: value.decode("latin-1") if isinstance(value, bytes) else value
+                           for key, value in request.headers.items() if key.lower() in rules.kept_request_headers}
+        if not isinstance(request.body, (bytes, str, type(None))):
+            # A file-like or iterator body (botocore's S3 uploads) would be stored as a
+            # pickled stream; a new request built from the bytes stores them plainly.
+            request = type(request)(request.method, request.uri, _request_body(request), request.headers)
         return request
 
     return scrub
@@ -298,8 +302,18 @@ def response_scrubber(rules: RecordingRules) -> Callable:
 
 # Matching -------------------------------------------------------------------
 
+def _request_body(request):
+    """Return a vcrpy request's body as stored: bytes, str or None.
+
+    vcrpy hands a file-like body (as botocore sends for S3 uploads) back as a
+    new ``BytesIO`` and an iterator body as an iterator; ``body_bytes`` has
+    the bytes of either.
+    """
+    return getattr(request, "body_bytes", request.body)
+
+
 def body_digest(request) -> str:
-    body = request.body
+    body = _request_body(request)
     if body is None:
         return "none"
     if isinstance(body, str):
