@@ -55,7 +55,7 @@ from imgbench.errors import (
 )
 from imgbench.images import CONVERSION_POLICY, ImageDecodeError, decode_rgb
 from imgbench.labels import ClassLabels, safe_labels
-from imgbench.recording import RecordingRules, cassette_miss_error
+from imgbench.recording import CassetteMissError, RecordingRules, cassette_miss_error
 from imgbench.retry import (
     CONNECTION_RESET,
     SERVER_ERROR,
@@ -369,7 +369,8 @@ class RekognitionProvider(Provider):
             mapped = _connection_error(exc, "DetectCustomLabels")
             if mapped is None:
                 raise
-            self._invoke_errors.add(type(exc).__name__)
+            if not isinstance(mapped, CassetteMissError):
+                self._invoke_errors.add(type(exc).__name__)
             raise mapped from exc
         labels = answer.get("CustomLabels") or []
         if not labels:
@@ -431,7 +432,7 @@ class RekognitionProvider(Provider):
             name = arn.split(":project/", 1)[-1].split("/", 1)[0]
             tags = provider._call("rekognition", "list_tags_for_resource", ResourceArn=arn).get("Tags") or {}
             run = tags.get(RUN_TAG)
-            if name.startswith(prefix) or (run and (run_marker is None or run == run_marker)):
+            if name.startswith(prefix) or (run and run.startswith(prefix)):
                 found.append(Leftover(cls.name, "project", arn, run or name, (("name", name),)))
         if provider.options.bucket:
             object_prefix = f"{provider.options.prefix.strip('/')}/{prefix}"
@@ -702,7 +703,7 @@ class RekognitionProvider(Provider):
     # boto3 ---------------------------------------------------------------------------------------------
 
     def _tags(self) -> dict[str, str]:
-        return {RUN_TAG: self.run_id, CASE_TAG: self.case_id or "none"}
+        return {RUN_TAG: self.run_prefix, CASE_TAG: self.case_id or "none"}
 
     def _session(self):
         import boto3
@@ -770,7 +771,7 @@ class RekognitionProvider(Provider):
                 mapped = _connection_error(exc, label)
                 if mapped is None:
                     raise
-                if isinstance(mapped, ProviderTimeoutError):
+                if isinstance(mapped, (ProviderTimeoutError, CassetteMissError, MissingCredentialsError)):
                     raise mapped from exc
                 raise TransientError(CONNECTION_RESET, f"{label}: {exc}") from exc
 
@@ -857,6 +858,9 @@ def _connection_error(exc: Exception, label: str) -> Exception | None:
         return MissingCredentialsError(f"{label}: boto3 found no AWS credentials; configure them as for the AWS CLI")
     if isinstance(exc, ReadTimeoutError):
         return ProviderTimeoutError(f"{label} timed out: {exc}")
+    if isinstance(exc, HTTPClientError) and isinstance(exc.kwargs.get("error"), CannotOverwriteExistingCassetteException):
+        # botocore wraps every exception of its HTTP layer, vcrpy's replay miss included.
+        return cassette_miss_error(exc.kwargs["error"])
     if isinstance(exc, (BotoConnectionError, HTTPClientError)):
         return ServiceFailureError(f"{label} lost its connection: {exc}")
     return None

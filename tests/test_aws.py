@@ -161,7 +161,7 @@ def test_project_and_version_carry_run_tags(emulator, clock, bucket, mini_datase
     version_tags = client.list_tags_for_resource(ResourceArn=model.version_arn)["Tags"]
     provider.teardown()
 
-    assert project_tags == {"imgbench-run": RUN_ID, "imgbench-case": "aws-beans-test"}
+    assert project_tags == {"imgbench-run": f"imgbench-{RUN_ID}", "imgbench-case": "aws-beans-test"}
     assert version_tags == project_tags
 
 
