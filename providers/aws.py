@@ -465,8 +465,8 @@ class RekognitionProvider(Provider):
         elif leftover.kind == "s3_prefix":
             bucket, _, prefix = leftover.resource_id.removeprefix("s3://").partition("/")
             if not prefix.split("/")[-1].startswith("imgbench-"):
-                raise ConfigError(f"refusing to delete s3://{bucket}/{prefix}*: the prefix must end in a "
-                                  "run prefix that starts with 'imgbench-'")
+                raise ConfigError(f"invalid leftover prefix s3://{bucket}/{prefix}: its last part must be a run "
+                                  "prefix that starts with 'imgbench-'; nothing was deleted")
             provider._delete_prefix(bucket, prefix)
         else:
             raise ConfigError(f"unknown AWS leftover kind {leftover.kind!r}; valid kinds: project, s3_prefix")
@@ -500,7 +500,7 @@ class RekognitionProvider(Provider):
         manifest_key = f"{self._case_prefix}/manifests/{role}.manifest"
         self._call("s3", "put_object", Bucket=self.options.bucket, Key=manifest_key,
                    Body=("\n".join(lines) + "\n").encode("utf-8"), ContentType="application/jsonlines")
-        logger.info("uploaded %d %s images and s3://%s/%s", len(images), role, "<bucket>", manifest_key)
+        logger.info("uploaded %d %s images and the manifest %s", len(images), role, manifest_key)
         return manifest_key
 
     def _create_project(self, case_id: str) -> None:
