@@ -16,6 +16,8 @@ import pytest
 from imgbench.results import iter_records
 from providers import provider_names
 from tests.conftest import run_benchmark
+
+
 pytestmark = pytest.mark.slow
 
 RECORD_FIELDS = ("case_id", "provider", "dataset", "ablation", "status", "mode", "dataset_source",
