@@ -172,8 +172,8 @@ class Provider(ABC):
         The suite calls this before ``upload`` when the run ledger lists an
         outstanding entry of this case that is ``kept`` or of kind
         ``model_kind``. ``details`` are the keyword arguments the provider
-        gave ``note_created`` and ``note_kept`` for it, plus ``name``-free
-        suite fields prefixed ``imgbench_``. The default reuses nothing.
+        gave ``note_created`` and ``note_kept`` for it, plus the suite's own
+        fields, whose names start with ``imgbench_``. The default reuses nothing.
         """
         return None
 

@@ -414,7 +414,10 @@ class NyckelProvider(Provider):
         self.note_created(FUNCTION_KIND, name, name=name)
         response = self._call("POST", "/v1/functions", operation="function creation",
                               json_body={"input": "Image", "output": "Classification", "name": name})
-        self._function_id = _json(response, "function creation")["id"]
+        created = _json(response, "function creation")
+        if not isinstance(created, dict) or not created.get("id"):
+            raise ServiceFailureError(f"Nyckel function creation returned no function id: {str(created)[:200]}")
+        self._function_id = str(created["id"])
         self.note_created(FUNCTION_KIND, name, name=name, function_id=self._function_id)
         logger.info("Nyckel function %s created (%s)", self._function_id, name)
         return self._function_id
