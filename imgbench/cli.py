@@ -1,10 +1,13 @@
-"""The ``imgbench`` command: ``imgbench report`` and ``imgbench compare``.
+"""The ``imgbench`` command: ``report``, ``compare``, ``sweep`` and ``estimate``.
 
 Exit codes. ``report``: 0 when the report was written, even with warnings;
 1 when no result file contains a valid record; 2 for a usage error.
 ``compare``: 0 when no threshold was breached; 1 when one was; 2 for a usage
 error, such as an invalid ``--fail-on`` threshold, or for a result file it
-cannot read, since nothing was compared then.
+cannot read, since nothing was compared then. ``sweep``: 0 when nothing is
+left (or everything found was deleted); 1 when something is left, because
+deletion was not confirmed, a deletion failed or a listing failed; 2 for a
+usage error. ``estimate``: 0, or 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def _threshold_argument(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgbench", description="Report on and compare imgbench result files.")
+    parser = argparse.ArgumentParser(prog="imgbench", description="Report on and compare imgbench result files, "
+                                                                  "estimate a run's cost and sweep what runs left.")
     parser.add_argument("--version", action="version", version=f"imgbench {imgbench.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -61,7 +65,44 @@ def build_parser() -> argparse.ArgumentParser:
                               "accuracy:-2pt or latency_p50:+10%%; repeatable")
     compare.add_argument("--csv", type=Path, metavar="FILE", help="also write the comparison table as CSV")
     compare.add_argument("--markdown", type=Path, metavar="FILE", help="also write the comparison as Markdown")
+    _add_sweep_parser(commands)
+    _add_estimate_parser(commands)
     return parser
+
+
+def _add_sweep_parser(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep", help="list, and with confirmation delete, what benchmark runs left on the services",
+        description="List every resource that a run ledger shows as not deleted, or that a provider's own "
+                    "listing finds by run tag or name prefix, and delete them after confirmation. Exit status: "
+                    "0 nothing left, 1 something left, 2 usage error.")
+    which = sweep.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="sweep what the run with this id left")
+    which.add_argument("--all", action="store_true", help="sweep what any imgbench run left")
+    sweep.add_argument("--yes", action="store_true", help="delete without asking")
+    sweep.add_argument("--ledger-dir", type=Path, default=Path("results/ledgers"), metavar="DIR",
+                       help="folder of the run ledgers, ledgers/ beside the result files (default: results/ledgers)")
+    sweep.add_argument("--providers", default="", help="comma-separated providers to list besides those the "
+                                                       "ledgers name (default: only those)")
+    sweep.add_argument("--service-url", action="append", default=[], metavar="PROVIDER=URL",
+                       help="reach a provider at this URL, such as its emulator (default: $IMGBENCH_<PROVIDER>_URL, "
+                            "else the real service with the credentials in the environment); repeatable")
+    sweep.add_argument("--provider-option", action="append", default=[], metavar="PROVIDER.KEY=VALUE",
+                       help="set one provider setting, as in the benchmark run; repeatable")
+
+
+def _add_estimate_parser(commands) -> None:
+    estimate = commands.add_parser(
+        "estimate", help="print the cost of a selected matrix at the services' list prices",
+        description="Estimate each case's cost (training hours, endpoint hours, requests) at list prices and "
+                    "print the total. The options select the matrix as in `pytest bench_tests`.")
+    estimate.add_argument("--providers", required=True, help="comma-separated providers")
+    estimate.add_argument("--datasets", help="comma-separated datasets (default: beans,xrays)")
+    estimate.add_argument("--ablations", help="comma-separated training images per class (default: 5,20,80,320,1280)")
+    estimate.add_argument("--load-requests", type=int, default=1000, help="requests in each load test (default: 1000)")
+    estimate.add_argument("--load-concurrency", type=int, default=10,
+                          help="concurrent requests in each load test (default: 10)")
+    estimate.add_argument("--load-warmup", type=int, default=0, help="warm-up requests per load test (default: 0)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "report":
         return run_report(args)
+    if args.command == "sweep":
+        return run_sweep(args)
+    if args.command == "estimate":
+        return run_estimate(args)
     return run_compare(args)
 
 
@@ -123,3 +168,68 @@ def run_compare(args: argparse.Namespace) -> int:
     for message in breaches:
         print(f"imgbench: threshold breached: {message}", file=sys.stderr)
     return EXIT_FAILED if breaches else EXIT_OK
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from imgbench.config import parse_provider_options, split_names
+    from imgbench.errors import ConfigError
+    from imgbench.sweep import delete_items, parse_service_urls, plan_sweep
+
+    try:
+        providers = split_names(args.providers, "--providers") if args.providers else ()
+        urls = parse_service_urls(args.service_url)
+        options = parse_provider_options(args.provider_option)
+        if providers:
+            from imgbench.config import parse_providers
+
+            providers = parse_providers(",".join(providers))
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    run_id = None if args.all else args.run_id
+    plan, config = plan_sweep(args.ledger_dir, run_id, providers, urls, options)
+    for problem in plan.problems:
+        _warn(problem)
+    scope = "any run" if run_id is None else f"run {run_id}"
+    if not plan.items:
+        print(f"nothing left by {scope}")
+        return EXIT_FAILED if plan.problems else EXIT_OK
+    print(f"{len(plan.items)} resources left by {scope}:")
+    for item in plan.items:
+        print(f"  {item.describe()}")
+    if not args.yes and not _confirm(f"delete these {len(plan.items)} resources? [y/N] "):
+        print("nothing deleted; run again with --yes to delete them")
+        return EXIT_FAILED
+    failures = delete_items(plan.items, config)
+    for failure in failures:
+        _error(failure)
+    print(f"deleted {len(plan.items) - len(failures)} of {len(plan.items)} resources")
+    return EXIT_FAILED if failures or plan.problems else EXIT_OK
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from imgbench.config import build_config
+    from imgbench.costs import estimate_matrix
+    from imgbench.errors import ConfigError
+
+    try:
+        config = build_config(providers=args.providers, datasets=args.datasets, ablations=args.ablations,
+                              datasets_dir=None, dataset_paths={}, results=None, run_id="estimate",
+                              load_requests=args.load_requests, load_concurrency=args.load_concurrency,
+                              load_max_seconds=600.0, load_warmup=args.load_warmup, seed="imgbench-2023",
+                              cache_dir=None)
+        estimate = estimate_matrix(config)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    print(estimate.format())
+    return EXIT_OK

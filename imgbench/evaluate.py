@@ -12,6 +12,7 @@ import requests
 from imgbench.datasets import ImageRecord
 from imgbench.errors import DatasetError
 from imgbench.loadgen import request_error_kind
+from imgbench.retry import retries_in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,10 @@ def evaluate_test_set(invoke: InvokeFn, test_set: Sequence[ImageRecord], root: P
     Each row contains the image's path (relative to ``root`` when given), hash,
     true label, predicted label and confidence, and the request's latency in
     seconds until the response body was read. A failed request gives a row
-    with ``predicted`` None and the error's kind and message.
+    with ``predicted`` None and the error's kind and message. A request whose
+    invoke retried (see ``imgbench.retry``) has ``latency_s`` None, so no
+    statistic includes it, and its time in ``latency_with_retries_s`` with
+    the number of retries in ``retries``.
     """
     rows = []
     with requests.Session() as session:
@@ -33,6 +37,7 @@ def evaluate_test_set(invoke: InvokeFn, test_set: Sequence[ImageRecord], root: P
             path = record.path.relative_to(root) if root and record.path.is_relative_to(root) else record.path
             row = {"path": str(path), "sha256": record.sha256, "label": record.label,
                    "predicted": None, "confidence": None, "latency_s": None, "error": None}
+            retries_before = retries_in_thread()
             started = time.perf_counter()
             try:
                 prediction = invoke(session, data)
@@ -40,7 +45,13 @@ def evaluate_test_set(invoke: InvokeFn, test_set: Sequence[ImageRecord], root: P
                 row["error"] = {"kind": request_error_kind(exc), "message": str(exc)[:500]}
                 logger.warning("request for test image %s failed: %s", path, exc)
             else:
-                row["latency_s"] = time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                retries = retries_in_thread() - retries_before
+                if retries:
+                    row["retries"] = retries
+                    row["latency_with_retries_s"] = elapsed
+                else:
+                    row["latency_s"] = elapsed
                 row["predicted"] = prediction.label
                 row["confidence"] = prediction.confidence
             rows.append(row)

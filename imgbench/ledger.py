@@ -134,6 +134,11 @@ class NullLedger(RunLedger):
         return []
 
 
+def ledger_path(results_path: Path, run_id: str) -> Path:
+    """Return the ledger file of run ``run_id``: ``ledgers/<run id>.json`` beside its result file."""
+    return Path(results_path).parent / "ledgers" / f"{run_id}.json"
+
+
 def _find(entries: list[LedgerEntry], provider: str, kind: str, resource_id: str) -> LedgerEntry | None:
     for entry in entries:
         if entry.key == (provider, kind, resource_id):

@@ -43,6 +43,7 @@ from requests.adapters import HTTPAdapter
 
 from imgbench.errors import ConfigError, ImgbenchError, error_kind
 from imgbench.metrics import latency_summary
+from imgbench.retry import retries_in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ class RequestSample(NamedTuple):
     headers_at: float | None
     error: str | None
     found_pool_busy: bool = False
+    # Retries the send made (imgbench.retry); a retried request is left out of the latencies.
+    retries: int = 0
 
 
 @dataclass
@@ -212,11 +215,13 @@ class LoadResult:
     measured_s: float | None = None
     warmup_samples: list[RequestSample] = field(default_factory=list)
     connection_pool: ConnectionPoolReport = field(default_factory=ConnectionPoolReport)
+    # Successful requests that retried: counted, but kept out of the latencies.
+    retried: int = 0
 
     @property
     def requests_per_s(self) -> float:
         window = self.measured_s if self.measured_s is not None else self.wall_s
-        return len(self.latencies_s) / window if window > 0 else 0.0
+        return (len(self.latencies_s) + self.retried) / window if window > 0 else 0.0
 
     def as_dict(self) -> dict:
         return {
@@ -224,7 +229,8 @@ class LoadResult:
             "requests": self.config.requests,
             "concurrency": self.config.concurrency,
             "sent": self.sent,
-            "succeeded": len(self.latencies_s),
+            "succeeded": len(self.latencies_s) + self.retried,
+            "retried": self.retried,
             "failed": sum(self.errors.values()),
             "errors_by_kind": dict(self.errors),
             "wall_s": self.wall_s,
@@ -266,10 +272,12 @@ class OpenLoopResult:
     achieved_rate_per_s: float | None = None
     warmup_samples: list[RequestSample] = field(default_factory=list)
     connection_pool: ConnectionPoolReport = field(default_factory=ConnectionPoolReport)
+    # Successful requests that retried: counted, but kept out of the latencies.
+    retried: int = 0
 
     @property
     def requests_per_s(self) -> float:
-        return len(self.latencies_s) / self.measured_s if self.measured_s > 0 else 0.0
+        return (len(self.latencies_s) + self.retried) / self.measured_s if self.measured_s > 0 else 0.0
 
     @property
     def max_start_lag_s(self) -> float:
@@ -285,7 +293,8 @@ class OpenLoopResult:
             "achieved_rate_per_s": self.achieved_rate_per_s,
             "sent": self.sent,
             "not_sent": self.not_sent,
-            "succeeded": len(self.latencies_s),
+            "succeeded": len(self.latencies_s) + self.retried,
+            "retried": self.retried,
             "failed": sum(self.errors.values()),
             "errors_by_kind": dict(self.errors),
             "wall_s": self.wall_s,
@@ -630,6 +639,7 @@ def _send_one(send: SendFn, client: Any, payload: bytes, number: int, scheduled:
     ``scheduled`` is None in closed loop, where the request is due when it is sent.
     """
     _headers_clock.at = None
+    retries_before = retries_in_thread()
     started = time.perf_counter()
     error = None
     try:
@@ -639,7 +649,7 @@ def _send_one(send: SendFn, client: Any, payload: bytes, number: int, scheduled:
         logger.debug("request %d failed: %s: %s", number, error, exc)
     finished = time.perf_counter()
     return RequestSample(number, scheduled if scheduled is not None else started, started, finished,
-                         _headers_clock.at, error, found_pool_busy)
+                         _headers_clock.at, error, found_pool_busy, retries_in_thread() - retries_before)
 
 
 def _check_payloads(payloads: Sequence[bytes]) -> None:
@@ -706,7 +716,8 @@ def _closed_loop_result(config: LoadConfig, samples: list[RequestSample], wall: 
     samples.sort(key=lambda sample: sample.number)
     warmup = [sample for sample in samples if sample.number < config.warmup]
     measured = [sample for sample in samples if sample.number >= config.warmup]
-    succeeded = [sample for sample in measured if sample.error is None]
+    retried = sum(1 for sample in measured if sample.error is None and sample.retries)
+    succeeded = [sample for sample in measured if sample.error is None and not sample.retries]
     return LoadResult(
         config=config,
         wall_s=wall,
@@ -719,6 +730,7 @@ def _closed_loop_result(config: LoadConfig, samples: list[RequestSample], wall: 
         measured_s=_measured_window_s(measured),
         warmup_samples=warmup,
         connection_pool=pool_report,
+        retried=retried,
     )
 
 
@@ -825,7 +837,8 @@ def _open_loop_result(config: OpenLoopConfig, samples: list[RequestSample], wall
     samples.sort(key=lambda sample: sample.number)
     warmup = [sample for sample in samples if sample.number < config.warmup]
     measured = [sample for sample in samples if sample.number >= config.warmup]
-    succeeded = [sample for sample in measured if sample.error is None]
+    retried = sum(1 for sample in measured if sample.error is None and sample.retries)
+    succeeded = [sample for sample in measured if sample.error is None and not sample.retries]
     achieved = None
     if len(measured) >= 2:
         span = max(sample.started for sample in measured) - min(sample.started for sample in measured)
@@ -847,4 +860,5 @@ def _open_loop_result(config: OpenLoopConfig, samples: list[RequestSample], wall
         achieved_rate_per_s=achieved,
         warmup_samples=warmup,
         connection_pool=pool_report,
+        retried=retried,
     )

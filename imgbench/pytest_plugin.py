@@ -14,6 +14,16 @@ live, and cloud cases are marked ``live``, when ``--live`` is given or when the
 only ``replay`` (so ``-m live`` runs live, ``-m "not local"`` replays).
 ``--nyckel-url`` runs Nyckel against an emulator (mark ``emulator``), and
 ``--record-mode`` records cassettes in that run.
+
+Resume and teardown: a run started again with the same ``--run-id`` and
+``--results`` skips the cases the result file records as passed and keeps
+their records (``fixtures/cases.py`` reuses a model an earlier attempt left).
+SIGTERM becomes ``KeyboardInterrupt`` (``imgbench.interrupts``), after which
+pytest still runs the fixtures' teardown, with ``keep_model`` set so a trained
+model survives for the resumed run. At the end of the session the terminal
+summary lists every resource the run ledger still shows, with the
+``imgbench sweep`` command that deletes them. ``--max-cost`` rejects a run
+whose estimate exceeds it.
 """
 
 from __future__ import annotations
@@ -27,12 +37,13 @@ from pathlib import Path
 import pytest
 from _pytest.mark.expression import Expression
 
+from imgbench import interrupts
 from imgbench.config import (SERVICE_URL_ENV, BenchConfig, CaseSpec, build_config, missing_live_credentials,
                              parse_provider_options)
 from imgbench.datasets import DATASETS_DIR_ENV, parse_dataset_paths
 from imgbench.errors import ConfigError, error_kind
 from imgbench.recording import DEFAULT_RECORD_MODE, RECORD_MODES
-from imgbench.results import RECORD_PROPERTY, ResultWriter
+from imgbench.results import RECORD_PROPERTY, ResultWriter, earlier_records, finished_case_ids
 from imgbench.summary import format_summary_table
 
 logger = logging.getLogger(__name__)
@@ -40,6 +51,9 @@ logger = logging.getLogger(__name__)
 CONFIG_KEY = pytest.StashKey[BenchConfig]()
 RECORD_KEY = pytest.StashKey[dict]()
 WRITER_KEY = pytest.StashKey[ResultWriter]()
+EARLIER_KEY = pytest.StashKey[list]()
+FINISHED_KEY = pytest.StashKey[frozenset]()
+CRASHED_KEY = pytest.StashKey[list]()
 
 # Maximum length of an error message kept in a record, in characters.
 MAX_ERROR_CHARS = 2000
@@ -80,6 +94,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--provider-option", action="append", default=[], metavar="PROVIDER.KEY=VALUE",
                     help="set one provider setting, such as aws.bucket=my-bucket; repeat for more "
                          "(each provider's documentation lists its keys)")
+    group.addoption("--max-cost", type=float, metavar="USD",
+                    help="reject a run whose cost estimate at list prices exceeds this many US dollars, and "
+                         "start no case once the spend so far plus its estimate would exceed it (default: no limit)")
     for name, variable in SERVICE_URL_ENV.items():
         group.addoption(f"--{name}-url", help=f"run {name} against this base URL, such as its emulator's "
                                               f"http://127.0.0.1:PORT (default: ${variable}; unset means replay, "
@@ -125,6 +142,63 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from exc
     config.stash[CONFIG_KEY] = bench_config
+    _prepare_resume(config, bench_config)
+    _check_max_cost(config, bench_config)
+    if any(mode != "local" for mode in bench_config.provider_modes.values()):
+        interrupts.install_handlers(forward_to_children=not hasattr(config, "workerinput"))
+
+
+def _prepare_resume(config: pytest.Config, bench_config: BenchConfig) -> None:
+    """Read the records of an earlier attempt of this run; workers get the finished case ids from the controller."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        config.stash[EARLIER_KEY] = []
+        config.stash[FINISHED_KEY] = frozenset(workerinput.get("imgbench_finished_cases", ()))
+        return
+    try:
+        records = earlier_records(bench_config.results_path, bench_config.run_id)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{exc}; choose another --results path or move the file aside") from exc
+    config.stash[EARLIER_KEY] = records
+    config.stash[FINISHED_KEY] = frozenset(finished_case_ids(records))
+
+
+def finished_cases(config: pytest.Config) -> frozenset:
+    """Return the ids of the cases an earlier attempt of this run finished."""
+    return config.stash.get(FINISHED_KEY, frozenset())
+
+
+def _check_max_cost(config: pytest.Config, bench_config: BenchConfig) -> None:
+    max_cost = config.getoption("max_cost")
+    if max_cost is None or hasattr(config, "workerinput"):
+        return
+    if max_cost < 0:
+        raise pytest.UsageError(f"invalid --max-cost {max_cost}; use 0 or more US dollars")
+    from imgbench.costs import estimate_matrix, recorded_spend
+
+    estimate = estimate_matrix(bench_config, skip=finished_cases(config))
+    spent = sum(recorded_spend(record) for record in config.stash[EARLIER_KEY])
+    if spent + estimate.total_usd > max_cost:
+        raise pytest.UsageError(
+            f"the run's cost estimate is {spent + estimate.total_usd:.2f} USD ({estimate.total_usd:.2f} USD for "
+            f"the cases to run, {spent:.2f} USD spent by an earlier attempt), over --max-cost {max_cost:.2f} USD; "
+            "select fewer cases or raise --max-cost (see `python -m imgbench estimate`)"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Print the cost estimate before a live run, or before any run given --max-cost."""
+    bench_config = config.stash.get(CONFIG_KEY, None)
+    if bench_config is None:
+        return []
+    live = "live" in bench_config.provider_modes.values()
+    if not live and config.getoption("max_cost") is None:
+        return []
+    from imgbench.costs import estimate_matrix
+
+    estimate = estimate_matrix(bench_config, skip=finished_cases(config))
+    heading = "cost estimate at list prices" + ("" if live else " (this run is not live, so it costs nothing)")
+    return [f"imgbench {heading}:", *estimate.format().splitlines()]
 
 
 def check_run_settings(bench_config: BenchConfig) -> None:
@@ -171,6 +245,7 @@ def _shared_run_id(config: pytest.Config) -> str | None:
 def pytest_configure_node(node) -> None:
     """Hand the controller's run id to each pytest-xdist worker."""
     node.workerinput["imgbench_run_id"] = node.config.stash[CONFIG_KEY].run_id
+    node.workerinput["imgbench_finished_cases"] = sorted(finished_cases(node.config))
 
 
 CASE_MARKS = {"local": pytest.mark.local, "replay": pytest.mark.replay, "emulator": pytest.mark.emulator,
@@ -192,20 +267,7 @@ def new_record(item: pytest.Item, case: CaseSpec, bench_config: BenchConfig) -> 
     A replayed case's timings measure the replay, not the service, so its
     record has ``timings_measured: false``.
     """
-    mode = bench_config.case_mode(case)
-    record = {
-        "case_id": case.case_id,
-        "nodeid": item.nodeid,
-        "provider": case.provider,
-        "dataset": case.dataset,
-        "ablation": case.ablation,
-        "run_id": bench_config.run_id,
-        "mode": mode,
-        "status": "running",
-        "error": None,
-        "timings_measured": mode != "replay",
-        "seconds": {},
-    }
+    record = _bare_record(case, bench_config, item.nodeid)
     item.stash[RECORD_KEY] = record
     return record
 
@@ -263,12 +325,51 @@ _session_config: list[pytest.Config] = []
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _session_config[:] = [session.config]
+    config = session.config
+    if not hasattr(config, "workerinput") and config.stash.get(EARLIER_KEY, None):
+        # Resuming: the result file starts from the earlier attempt's records.
+        _result_writer(config)
+
+
+def pytest_keyboard_interrupt(excinfo) -> None:
+    interrupts.note_interrupted()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem: str, report, sched) -> None:
+    """Record a case whose pytest-xdist worker died; the ledger shows what it left behind."""
+    config = _session_config[0] if _session_config else None
+    if config is None or CONFIG_KEY not in config.stash:
+        return
+    bench_config = config.stash[CONFIG_KEY]
+    case_id = crashitem.rpartition("[")[2].rstrip("]")
+    case = next((case for case in bench_config.cases() if case.case_id == case_id), None)
+    if case is None:
+        return
+    config.stash.setdefault(CRASHED_KEY, []).append(case_id)
+    record = _bare_record(case, bench_config, crashitem)
+    record["status"] = "failed"
+    record["error"] = {"phase": "unknown", "kind": "worker_crashed", "type": None,
+                       "message": f"the pytest-xdist worker running {crashitem} died; see the ledger for what it "
+                                  "left on the service"}
+    _writer_add(record)
+
+
+def _bare_record(case: CaseSpec, bench_config: BenchConfig, nodeid: str) -> dict:
+    mode = bench_config.case_mode(case)
+    return {"case_id": case.case_id, "nodeid": nodeid, "provider": case.provider, "dataset": case.dataset,
+            "ablation": case.ablation, "run_id": bench_config.run_id, "mode": mode, "status": "running",
+            "error": None, "timings_measured": mode != "replay", "seconds": {}}
 
 
 def _writer_add(record: dict) -> None:
     config = _session_config[0] if _session_config else None
     if config is None or hasattr(config, "workerinput"):
         return  # workers forward their reports; only the controller writes
+    _result_writer(config).add(record)
+
+
+def _result_writer(config: pytest.Config) -> ResultWriter:
     writer = config.stash.get(WRITER_KEY, None)
     if writer is None:
         bench_config = config.stash[CONFIG_KEY]
@@ -284,12 +385,15 @@ def _writer_add(record: dict) -> None:
             "provider_modes": dict(bench_config.provider_modes),
             "record_mode": bench_config.record_mode,
         }
-        writer = ResultWriter(bench_config.results_path, bench_config.run_id, machine_info, commit_info, settings)
+        writer = ResultWriter(bench_config.results_path, bench_config.run_id, machine_info, commit_info, settings,
+                              records=config.stash.get(EARLIER_KEY, []))
         config.stash[WRITER_KEY] = writer
-    writer.add(record)
+    return writer
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):
+        _report_outstanding(terminalreporter, config)
     writer = config.stash.get(WRITER_KEY, None)
     if writer is None or not writer.records:
         return
@@ -300,6 +404,40 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     report_dir = config.getoption("report_dir")
     if report_dir:
         _write_report(terminalreporter, writer.path, Path(report_dir))
+
+
+def _report_outstanding(terminalreporter, config: pytest.Config) -> None:
+    """List what the run ledger shows as not deleted, with the command that deletes it."""
+    bench_config = config.stash.get(CONFIG_KEY, None)
+    if bench_config is None:
+        return
+    from imgbench.ledger import RunLedger, ledger_path
+
+    path = ledger_path(bench_config.results_path, bench_config.run_id)
+    try:
+        outstanding = RunLedger(path, bench_config.run_id).outstanding()
+    except ConfigError as exc:
+        terminalreporter.write_line(f"imgbench: cannot read the run ledger: {exc}", red=True)
+        return
+    crashed = config.stash.get(CRASHED_KEY, [])
+    if not outstanding and not crashed:
+        return
+    terminalreporter.section("imgbench resources left on the services")
+    for case_id in crashed:
+        terminalreporter.write_line(f"worker crashed while running {case_id}", red=True)
+    for entry in outstanding:
+        note = " (kept for a resumed run)" if entry.state == "kept" else ""
+        terminalreporter.write_line(f"{entry.provider} {entry.kind} {entry.resource_id} "
+                                    f"{_details_text(entry.details)} case {entry.case_id}{note}", red=True)
+    if outstanding:
+        terminalreporter.write_line(
+            f"resume with the same --run-id {bench_config.run_id} --results {bench_config.results_path}, or delete "
+            f"them with: python -m imgbench sweep --run-id {bench_config.run_id} --ledger-dir {path.parent}")
+
+
+def _details_text(details: dict) -> str:
+    shown = {key: value for key, value in details.items() if not key.startswith("imgbench_")}
+    return " ".join(f"{key}={value}" for key, value in sorted(shown.items()))
 
 
 def _write_report(terminalreporter, results_path: Path, report_dir: Path) -> None:

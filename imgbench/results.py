@@ -14,7 +14,9 @@ imgbench writes this file itself instead of through the ``benchmark`` fixture
 because pytest-benchmark turns itself off under pytest-xdist; this way
 ``pytest -n 2`` writes the same records, merged on the controller. The file is
 rewritten atomically after every case, so an interrupted run keeps every
-finished case.
+finished case. A run started again with the same run id and result path
+starts from the records already in the file (``earlier_records``): a new
+record of a case replaces the earlier one, the others are kept.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ def has_latency_data(record: dict) -> bool:
 
 def record_to_benchmark(record: dict) -> dict:
     """Turn a finished case record into a pytest-benchmark ``benchmarks`` entry."""
-    latencies = [row["latency_s"] for row in record.get("predictions", []) if row.get("error") is None]
+    latencies = [row["latency_s"] for row in record.get("predictions", [])
+                 if row.get("error") is None and row.get("latency_s") is not None]
     return {
         "group": f"{record['provider']}-{record['dataset']}",
         "name": f"test_case[{record['case_id']}]",
@@ -92,16 +95,19 @@ def record_to_benchmark(record: dict) -> dict:
 class ResultWriter:
     """Collects case records and keeps the result file up to date."""
 
-    def __init__(self, path: Path, run_id: str, machine_info: dict, commit_info: dict, settings: dict):
+    def __init__(self, path: Path, run_id: str, machine_info: dict, commit_info: dict, settings: dict,
+                 records: list[dict] | None = None):
         self.path = path
         self.run_id = run_id
         self.machine_info = machine_info
         self.commit_info = commit_info
         self.settings = settings
-        self.records: list[dict] = []
+        self.records: list[dict] = list(records or [])
         self.started = datetime.now(timezone.utc).isoformat()
 
     def add(self, record: dict) -> None:
+        """Add a case record, replacing an earlier record of the same case, and rewrite the file."""
+        self.records = [r for r in self.records if r.get("case_id") != record.get("case_id")]
         self.records.append(record)
         self.write()
 
@@ -142,3 +148,27 @@ def iter_records(document: dict) -> list[dict]:
     records = [entry["extra_info"] for entry in document.get("benchmarks", []) if "extra_info" in entry]
     records += document.get("imgbench", {}).get("unmeasured_cases", [])
     return records
+
+
+FINISHED_STATUS = "passed"
+
+
+def earlier_records(path: Path, run_id: str) -> list[dict]:
+    """Return the records of run ``run_id`` in the result file at ``path``; none when it is absent or another run's.
+
+    Raises ``ValueError`` when the file exists but is not a result file.
+    """
+    try:
+        document = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    if not isinstance(document, dict) or "imgbench" not in document:
+        raise ValueError(f"{path} is not an imgbench result file")
+    if document["imgbench"].get("run_id") != run_id:
+        return []
+    return iter_records(document)
+
+
+def finished_case_ids(records: list[dict]) -> list[str]:
+    """Return the ids of the cases whose records say they finished (status ``passed``)."""
+    return sorted(record["case_id"] for record in records if record.get("status") == FINISHED_STATUS)

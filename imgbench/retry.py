@@ -6,9 +6,11 @@ within a bounded number of attempts and a bounded total sleep, and counts
 every retry by kind in a ``RetryCounter`` that the provider reports in the
 case record. Waiting goes through a ``Clock``, so replayed cases do not sleep.
 
-Measured invoke latencies never include a retried attempt: providers call
-``invoke`` without retries, or count the request as retried so the load test
-can leave it out of the latency statistics.
+Measured latencies never include a retried attempt silently. Every retry
+also adds one to a per-thread count that ``retries_in_thread`` returns, so
+the test-set evaluation and the load generator, which time one request per
+thread, see whether an ``invoke`` retried and keep its latency out of the
+statistics (it is counted as retried instead).
 """
 
 from __future__ import annotations
@@ -66,6 +68,14 @@ class RetryPolicy:
 NO_RETRIES = RetryPolicy(max_attempts=1)
 
 
+_thread_retries = threading.local()
+
+
+def retries_in_thread() -> int:
+    """Return how many retries ``call_with_retries`` has made in the calling thread so far."""
+    return getattr(_thread_retries, "count", 0)
+
+
 class RetryCounter:
     """Thread-safe counts of retried attempts by kind (see ``TRANSIENT_KINDS``) and of calls that gave up."""
 
@@ -118,6 +128,7 @@ def call_with_retries(call: Callable[[], T], *, operation: str, policy: RetryPol
                 counter.add(f"{exc.kind}_gave_up")
                 raise (give_up or default_give_up)(exc) from exc
             counter.add(exc.kind)
+            _thread_retries.count = retries_in_thread() + 1
             logger.warning("%s failed with %s (attempt %d of %d): %s; retrying in %.2f s",
                            operation, exc.kind, attempt, policy.max_attempts, exc, delay)
             clock.sleep(delay)

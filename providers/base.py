@@ -68,6 +68,8 @@ class PriceModel:
     source: str
     retrieved: str
     notes: str = ""
+    # False when the prices could not be checked against the source; estimates then say so.
+    verified: bool = True
 
 
 class Provider(ABC):
@@ -100,6 +102,9 @@ class Provider(ABC):
     option_keys: ClassVar[tuple[str, ...]] = ()
     # List prices for the cost estimate; None for a free provider.
     price_model: ClassVar[PriceModel | None] = None
+    # Ledger kind of the resource that holds the trained model; a resumed run
+    # offers the outstanding entries of this kind (and kept ones) to reuse_model.
+    model_kind: ClassVar[str] = "model"
 
     # Set by the suite for each case; the defaults serve a provider used on its own.
     ledger: RunLedger = NullLedger()
@@ -162,10 +167,13 @@ class Provider(ABC):
         self.ledger.note_deleted(self.name, kind, resource_id)
 
     def reuse_model(self, training_set: "TrainingSet", details: dict) -> Any | None:
-        """Return the model that a ledger entry of kind ``model`` describes, or None when it cannot serve.
+        """Return the model that a ledger entry of an earlier attempt describes, or None when it cannot serve.
 
-        ``details`` are the keyword arguments the provider gave ``note_created``
-        and ``note_kept`` for the model. The default reuses nothing.
+        The suite calls this before ``upload`` when the run ledger lists an
+        outstanding entry of this case that is ``kept`` or of kind
+        ``model_kind``. ``details`` are the keyword arguments the provider
+        gave ``note_created`` and ``note_kept`` for it, plus the suite's own
+        fields, whose names start with ``imgbench_``. The default reuses nothing.
         """
         return None
 

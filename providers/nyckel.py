@@ -5,12 +5,20 @@ label per class and one sample per training image. Nyckel cross-validates
 internally, so it gets all N images of an ablation. The provider then waits
 until the function has a prediction for every sample, and invokes it with
 ``capture=false`` so test images never become samples. ``teardown`` deletes
-the function.
+the function, unless ``keep_model`` is set: then it keeps the function (the
+trained model, which Nyckel bills by request, not by the hour) for a resumed
+run to reuse.
 
-Every call goes through ``requests`` with no hidden retries. HTTP 429 (Nyckel
-allows 25 requests per second and 25 in flight) is retried a bounded number of
-times with exponential backoff and jitter, and counted. Other errors are
-mapped to ``imgbench.errors`` classes at the boundary, chaining the original.
+Bookkeeping: the function is noted in the run ledger under its name before
+the create request is sent, and its id is added once known, so a crash at any
+point leaves a ledger entry that ``find_leftovers`` and ``delete_leftover``
+can resolve by name.
+
+Every call goes through ``requests`` and ``imgbench.retry``: HTTP 429 (Nyckel
+allows 25 requests per second and 25 in flight), HTTP 500/502/503/504 and
+dropped connections are retried a bounded number of times with exponential
+backoff and jitter, and counted. Other errors are mapped to
+``imgbench.errors`` classes at the boundary, chaining the original.
 
 Run modes: ``live`` sends requests to https://www.nyckel.com with the
 credentials in ``NYCKEL_CLIENT_ID`` and ``NYCKEL_CLIENT_SECRET``.
@@ -28,6 +36,7 @@ import io
 import logging
 import os
 import random
+import re
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -51,7 +60,9 @@ from imgbench.errors import (
 )
 from imgbench.images import CONVERSION_POLICY, ImageDecodeError, decode_rgb
 from imgbench.recording import RecordingRules, cassette_miss_error
-from providers.base import Prediction, Provider, TrainingSet
+from imgbench.retry import (CONNECTION_RESET, SERVER_ERROR, THROTTLING, TRANSIENT_KINDS, RetryCounter, RetryPolicy,
+                            TransientError, call_with_retries)
+from providers.base import Leftover, Prediction, PriceModel, Provider, TrainingSet
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +84,28 @@ CLIENT_SECRET_PLACEHOLDER = "<NYCKEL_CLIENT_SECRET>"
 
 # Poll interval against an emulator, which finishes training after a few polls.
 EMULATOR_POLL_INTERVAL_S = 0.2
+
+# HTTP statuses retried as transient server errors.
+RETRIED_SERVER_STATUSES = (HTTPStatus.INTERNAL_SERVER_ERROR, HTTPStatus.BAD_GATEWAY, HTTPStatus.SERVICE_UNAVAILABLE,
+                           HTTPStatus.GATEWAY_TIMEOUT)
+
+# Ledger kind of a Nyckel function, which is both the uploaded data and the model.
+FUNCTION_KIND = "function"
+
+# NOTE: unverified. No Nyckel price list could be opened while writing this;
+# the per-request price is a placeholder of the right order, so check
+# https://www.nyckel.com/pricing and update it before relying on an estimate.
+NYCKEL_PRICES = PriceModel(
+    currency="USD",
+    training_per_hour=None,
+    endpoint_per_hour=None,
+    per_1000_requests=2.0,
+    storage_per_gb_month=None,
+    source="https://www.nyckel.com/pricing",
+    retrieved="unverified",
+    notes="Nyckel bills invokes per request; training and hosting a function have no hourly price.",
+    verified=False,
+)
 
 # Prepared request bodies kept for repeated test images (the load test sends
 # each test image many times).
@@ -132,6 +165,8 @@ class NyckelProvider(Provider):
     mode = "live"
     validates_internally = True
     credential_env = (CLIENT_ID_ENV, CLIENT_SECRET_ENV)
+    price_model = NYCKEL_PRICES
+    model_kind = FUNCTION_KIND
 
     def __init__(self, options: NyckelOptions | None = None, *, run_mode: str = "live",
                  client_id: str | None = None, client_secret: str | None = None,
@@ -150,6 +185,10 @@ class NyckelProvider(Provider):
         self._token_lock = threading.Lock()
         self._counters: Counter = Counter()
         self._counter_lock = threading.Lock()
+        self._retries = RetryCounter()
+        self._retry_policy = RetryPolicy(max_attempts=self.options.max_attempts,
+                                         base_delay_s=self.options.backoff_base_s,
+                                         max_delay_s=self.options.backoff_max_s)
         self._random = random.Random()
         self._payloads: OrderedDict[str, bytes] = OrderedDict()
         self._payload_lock = threading.Lock()
@@ -195,10 +234,16 @@ class NyckelProvider(Provider):
                 "status_polls": model.polls, "annotated_label_counts": model.label_counts}
 
     def counters(self) -> dict[str, int]:
+        """Event counts; ``retried_<kind>`` counts retries and ``<kind>_gave_up`` requests that failed after them."""
+        retries = self._retries.as_dict()
         with self._counter_lock:
-            return {"throttled_429": self._counters["throttled_429"],
-                    "tokens_fetched": self._counters["tokens_fetched"],
-                    "samples_already_present": self._counters["samples_already_present"]}
+            counts = {"throttled_429": retries.get(THROTTLING, 0) + retries.get(f"{THROTTLING}_gave_up", 0),
+                      "tokens_fetched": self._counters["tokens_fetched"],
+                      "samples_already_present": self._counters["samples_already_present"]}
+        for kind in TRANSIENT_KINDS:
+            counts[f"retried_{kind}"] = retries.get(kind, 0)
+            counts[f"{kind}_gave_up"] = retries.get(f"{kind}_gave_up", 0)
+        return counts
 
     def credentials_needed(self) -> bool:
         return self.run_mode == "live"
@@ -215,7 +260,9 @@ class NyckelProvider(Provider):
     # The provider contract ----------------------------------------------------
 
     def upload(self, training_set: TrainingSet) -> NyckelUpload:
-        function_id = self._create_function(f"{self.run_prefix}-{training_set.case_id}")
+        name = f"{self.run_prefix}-{training_set.case_id}"
+        self._delete_earlier_attempt(name)
+        function_id = self._create_function(name)
         for label in training_set.classes:
             self._call("POST", f"/v1/functions/{function_id}/labels", json_body={"name": label},
                        operation="label creation")
@@ -284,13 +331,68 @@ class NyckelProvider(Provider):
 
     def teardown(self) -> None:
         function_id, name = self._function_id, self._function_name
-        if function_id is not None:
-            self._delete_function(function_id)
+        if function_id is not None and self.keep_model:
+            self.note_kept(FUNCTION_KIND, name, function_id=function_id)
+            logger.info("Nyckel function %s (%s) kept for a resumed run", function_id, name)
+        elif function_id is not None:
+            self._delete_function(function_id, name)
         elif name is not None:
             # Creation was sent but its response never arrived, so find the function by name.
-            self.sweep_leftovers(name)
+            self._delete_functions_named(name)
         self._function_id = self._function_name = None
         self._session.close()
+
+    def reuse_model(self, training_set: TrainingSet, details: dict) -> NyckelModel | None:
+        """Return the function of an earlier attempt of this case once it holds every sample, trained.
+
+        A function that lacks samples (the attempt stopped during the upload)
+        is deleted, and None returned, so the case uploads afresh.
+        """
+        function_id, name = details.get("function_id"), details.get("name")
+        if not function_id or not name:
+            return None
+        response = self._call("GET", f"/v0.9/functions/{function_id}/metrics", accept=(HTTPStatus.NOT_FOUND,),
+                              operation="metrics read")
+        if response.status_code == HTTPStatus.NOT_FOUND:
+            self.note_deleted(FUNCTION_KIND, name)
+            logger.info("Nyckel function %s of an earlier attempt no longer exists", function_id)
+            return None
+        expected = len(training_set.images)
+        samples = int(_json(response, "metrics read").get("sampleCount") or 0)
+        if samples < expected:
+            logger.info("Nyckel function %s of an earlier attempt holds %d of %d samples; deleting it",
+                        function_id, samples, expected)
+            self._delete_function(function_id, name)
+            return None
+        self._function_id, self._function_name = function_id, name
+        self.ledger.note_state(self.name, FUNCTION_KIND, name, "created")
+        logger.info("reusing Nyckel function %s (%s) with %d samples", function_id, name, samples)
+        return self.train(NyckelUpload(function_id, [], expected, expected))
+
+    @classmethod
+    def find_leftovers(cls, bench_config, run_marker: str | None) -> list[Leftover]:
+        """List the functions named after a case of run ``run_marker`` (of any imgbench run when None)."""
+        provider = cls.from_config(bench_config)
+        pattern = _leftover_pattern(run_marker)
+        try:
+            functions = _json(provider._call("GET", "/v1/functions", operation="function list"), "function list")
+        finally:
+            provider._session.close()
+        return [Leftover(cls.name, FUNCTION_KIND, str(item["name"]), run_marker or "imgbench-",
+                         (("function_id", str(item["id"])),))
+                for item in functions if pattern.match(str(item.get("name", "")))]
+
+    @classmethod
+    def delete_leftover(cls, bench_config, leftover: Leftover) -> None:
+        provider = cls.from_config(bench_config)
+        try:
+            function_id = dict(leftover.details).get("function_id")
+            if function_id:
+                provider._delete_function(function_id, leftover.resource_id)
+            else:
+                provider._delete_functions_named(leftover.resource_id)
+        finally:
+            provider._session.close()
 
     def sweep_leftovers(self, prefix: str) -> list[str]:
         """Delete every function whose name starts with ``prefix``; return their ids."""
@@ -298,27 +400,52 @@ class NyckelProvider(Provider):
             raise ConfigError(f"refusing to sweep functions with prefix {prefix!r}; "
                               "it must start with 'imgbench-'")
         functions = _json(self._call("GET", "/v1/functions", operation="function list"), "function list")
-        leftovers = [item["id"] for item in functions if str(item.get("name", "")).startswith(prefix)]
-        for function_id in leftovers:
-            self._delete_function(function_id)
+        leftovers = [(item["id"], item["name"]) for item in functions if str(item.get("name", "")).startswith(prefix)]
+        for function_id, name in leftovers:
+            self._delete_function(function_id, name)
         if leftovers:
             logger.info("deleted %d leftover Nyckel functions named %s*", len(leftovers), prefix)
-        return leftovers
+        return [function_id for function_id, _ in leftovers]
 
     # Steps ----------------------------------------------------------------------
 
     def _create_function(self, name: str) -> str:
         self._function_name = name
+        self.note_created(FUNCTION_KIND, name, name=name)
         response = self._call("POST", "/v1/functions", operation="function creation",
                               json_body={"input": "Image", "output": "Classification", "name": name})
-        self._function_id = _json(response, "function creation")["id"]
+        created = _json(response, "function creation")
+        if not isinstance(created, dict) or not created.get("id"):
+            raise ServiceFailureError(f"Nyckel function creation returned no function id: {str(created)[:200]}")
+        self._function_id = str(created["id"])
+        self.note_created(FUNCTION_KIND, name, name=name, function_id=self._function_id)
         logger.info("Nyckel function %s created (%s)", self._function_id, name)
         return self._function_id
 
-    def _delete_function(self, function_id: str) -> None:
+    def _delete_function(self, function_id: str, name: str | None) -> None:
         self._call("DELETE", f"/v1/functions/{function_id}", accept=(HTTPStatus.NOT_FOUND,),
                    operation="function deletion")
+        if name is not None:
+            self.note_deleted(FUNCTION_KIND, name)
         logger.info("Nyckel function %s deleted", function_id)
+
+    def _delete_functions_named(self, name: str) -> list[str]:
+        """Delete every function named exactly ``name``; return their ids."""
+        functions = _json(self._call("GET", "/v1/functions", operation="function list"), "function list")
+        matching = [str(item["id"]) for item in functions if item.get("name") == name]
+        for function_id in matching:
+            self._delete_function(function_id, name)
+        if not matching:
+            self.note_deleted(FUNCTION_KIND, name)
+        return matching
+
+    def _delete_earlier_attempt(self, name: str) -> None:
+        """Delete the function an earlier attempt of this case left, which the ledger lists as created."""
+        earlier = [entry for entry in self.ledger.outstanding(self.name)
+                   if entry.kind == FUNCTION_KIND and entry.resource_id == name]
+        if earlier:
+            logger.info("deleting the Nyckel function %s that an earlier attempt of this run left", name)
+            self._delete_functions_named(name)
 
     def _prepare(self, data: bytes, label: str) -> str:
         """Return ``data`` as a JPEG data URI: decoded with ``decode_rgb``, longest side at most the limit."""
@@ -383,9 +510,11 @@ class NyckelProvider(Provider):
 
     def _send(self, method: str, path: str, session: requests.Session, *, operation: str,
               authenticated: bool = False, accept: tuple[int, ...] = (), **kwargs) -> requests.Response:
-        """Send one request, backing off on 429; return a 2xx response or one whose status is in ``accept``."""
+        """Send one request, retrying transient failures; return a 2xx response or one whose status is in ``accept``."""
         url = f"{self.options.base_url}{path}"
-        for attempt in range(1, self.options.max_attempts + 1):
+        what = f"Nyckel {operation} ({method} {path})"
+
+        def attempt() -> requests.Response:
             headers = {"Authorization": f"Bearer {self._access_token()}"} if authenticated else {}
             try:
                 response = session.request(method, url, headers=headers, timeout=self.options.request_timeout_s,
@@ -393,32 +522,42 @@ class NyckelProvider(Provider):
             except CannotOverwriteExistingCassetteException as exc:
                 raise cassette_miss_error(exc) from exc
             except requests.Timeout as exc:
-                raise ProviderTimeoutError(f"Nyckel {operation} ({method} {path}) timed out after "
-                                           f"{self.options.request_timeout_s:.0f} s") from exc
+                raise ProviderTimeoutError(f"{what} timed out after {self.options.request_timeout_s:.0f} s") from exc
+            except requests.ConnectionError as exc:
+                raise TransientError(CONNECTION_RESET, f"{what} lost its connection: {exc}") from exc
             except requests.RequestException as exc:
-                raise ServiceFailureError(f"Nyckel {operation} ({method} {path}) failed: {exc}") from exc
-            if response.status_code != HTTPStatus.TOO_MANY_REQUESTS:
-                return _checked(response, method, path, operation, accept)
-            self._count("throttled_429")
-            if attempt == self.options.max_attempts:
-                break
-            delay = self._backoff(attempt, response.headers.get("Retry-After"))
-            logger.warning("Nyckel %s throttled (HTTP 429, attempt %d of %d); retrying in %.2f s",
-                           operation, attempt, self.options.max_attempts, delay)
-            self.clock.sleep(delay)
-        raise ThrottledError(
-            f"Nyckel {operation} ({method} {path}) was still throttled (HTTP 429) after "
-            f"{self.options.max_attempts} attempts; lower --load-concurrency or wait"
-        ) from requests.HTTPError(response=response)
+                raise ServiceFailureError(f"{what} failed: {exc}") from exc
+            status = response.status_code
+            if status == HTTPStatus.TOO_MANY_REQUESTS:
+                raise TransientError(THROTTLING, f"{what} was throttled (HTTP 429)",
+                                     _retry_after(response)) from requests.HTTPError(response=response)
+            if status in RETRIED_SERVER_STATUSES and status not in accept:
+                raise TransientError(SERVER_ERROR, f"{what} returned HTTP {status}: {_message(response)}",
+                                     ) from requests.HTTPError(response=response)
+            return _checked(response, method, path, operation, accept)
 
-    def _backoff(self, attempt: int, retry_after: str | None) -> float:
-        """Exponential backoff with full jitter, at least the server's Retry-After."""
-        ceiling = min(self.options.backoff_max_s, self.options.backoff_base_s * 2 ** (attempt - 1))
-        delay = self._random.uniform(0, ceiling)
-        try:
-            return max(delay, float(retry_after)) if retry_after else delay
-        except ValueError:
-            return delay
+        return call_with_retries(attempt, operation=f"Nyckel {operation}", policy=self._retry_policy, counter=self._retries,
+                                 clock=self.clock, rng=self._random, give_up=self._give_up)
+
+    def _give_up(self, exc: TransientError) -> Exception:
+        attempts = self.options.max_attempts
+        if exc.kind == THROTTLING:
+            return ThrottledError(f"{exc}; still throttled after {attempts} attempts: lower --load-concurrency "
+                                  "or wait")
+        return ServiceFailureError(f"{exc}; still failing after {attempts} attempts or the retry budget")
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _leftover_pattern(run_id: str | None) -> re.Pattern:
+    """Match the function names ``<run prefix>-<case id>`` of run ``run_id`` (any run when None)."""
+    run = re.escape(run_id) if run_id else ".+"
+    return re.compile(rf"^imgbench-{run}-nyckel-[A-Za-z0-9_]+-[0-9]+$")
 
 
 def _is_trained(metrics: dict, state: str | None, expected_samples: int) -> bool:

@@ -34,6 +34,7 @@ from imgbench.errors import (
 from imgbench.images import sha256_bytes
 from imgbench.pytest_plugin import markexpr_selects_live
 from imgbench.recording import block_network
+from imgbench.retry import TransientError
 from imgbench.results import iter_records
 from providers import TrainingSet
 from providers.nyckel import NyckelOptions, NyckelProvider
@@ -170,7 +171,10 @@ def test_throttling_gives_up_after_max_attempts(emulator, clock, mini_datasets):
     assert error_kind(caught.value) == "throttling"
     assert "after 3 attempts" in str(caught.value)
     assert provider.counters()["throttled_429"] == 3
-    assert isinstance(caught.value.__cause__, requests.HTTPError)
+    assert provider.counters()["retried_throttling"] == 2
+    assert provider.counters()["throttling_gave_up"] == 1
+    assert isinstance(caught.value.__cause__, TransientError)
+    assert isinstance(caught.value.__cause__.__cause__, requests.HTTPError)
 
 
 def test_quota_on_upload_is_quota_error(emulator, clock, mini_datasets):
@@ -186,14 +190,26 @@ def test_quota_on_upload_is_quota_error(emulator, clock, mini_datasets):
 
 
 def test_server_error_is_service_failure(emulator, clock, mini_datasets):
-    provider = make_provider(emulator, clock)
-    emulator.fail_with_server_error(1)
+    provider = make_provider(emulator, clock, max_attempts=3)
+    emulator.fail_with_server_error(100)
 
     with pytest.raises(ServiceFailureError) as caught:
         provider.upload(training_set(mini_datasets, per_class=1))
 
     assert error_kind(caught.value) == "service_failure"
     assert "HTTP 500" in str(caught.value)
+    assert provider.counters()["retried_server_error"] == 2
+    assert provider.counters()["server_error_gave_up"] == 1
+
+
+def test_single_server_error_retried(emulator, clock, mini_datasets):
+    provider = make_provider(emulator, clock)
+    emulator.fail_with_server_error(1)
+
+    upload = provider.upload(training_set(mini_datasets, per_class=1))
+
+    assert len(emulator.samples(upload.function_id)) == 3
+    assert provider.counters()["retried_server_error"] == 1
 
 
 def test_wrong_secret_is_authentication_error(emulator, clock, mini_datasets):

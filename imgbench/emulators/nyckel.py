@@ -16,7 +16,11 @@ colour histogram (4 levels per RGB channel on a 32x32 thumbnail), and a
 function predicts the label whose training samples have the nearest mean
 histogram (L1 distance). Training finishes after a set number of status
 polls, so a provider's waiting loop is exercised. Fault injection returns 429,
-402 or 500 responses, or makes training fail.
+402 or 500 responses, fails one route with a chosen status, or makes training
+fail; ``on_request`` runs a callback (such as sending a signal to the process
+under test) when a route is first reached. ``functions_created`` and
+``samples_created`` count what was ever created, so a test can check that a
+resumed run uploaded nothing twice.
 
 Use it as a context manager in tests, or run
 ``python -m imgbench.emulators.nyckel --port 8765`` to record cassettes by
@@ -101,6 +105,8 @@ class Faults:
     server_error_next: int = 0  # respond 500 to the next N API requests
     quota_routes: set[str] = field(default_factory=set)  # "samples" and/or "invoke" respond 402
     fail_training: bool = False
+    # Route name -> (HTTP status, requests left to fail); see NyckelEmulator.route_name.
+    failing_routes: dict[str, list[int]] = field(default_factory=dict)
 
 
 class ImagePayloadError(ValueError):
@@ -165,6 +171,9 @@ class NyckelEmulator:
         self.captured_invocations = 0
         self.throttled = 0
         self.requests = 0
+        self.functions_created = 0
+        self.samples_created = 0
+        self.request_callbacks: dict[str, Callable[[], None]] = {}
         self._lock = threading.RLock()
         self._random = random.Random(seed)
         self._server: ThreadingHTTPServer | None = None
@@ -225,6 +234,34 @@ class NyckelEmulator:
         with self._lock:
             self.faults.fail_training = True
 
+    def fail_route(self, route: str, status: int = HTTPStatus.BAD_REQUEST, count: int = 1_000_000) -> None:
+        """Respond with ``status`` to the next ``count`` requests on ``route`` (see ``route_name``)."""
+        with self._lock:
+            self.faults.failing_routes[route] = [int(status), count]
+
+    def on_request(self, route: str, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, in the server thread, when the first request on ``route`` arrives."""
+        with self._lock:
+            self.request_callbacks[route] = callback
+
+    @staticmethod
+    def route_name(method: str, path: str) -> str:
+        """Name a request's route: create, list, delete, labels, samples, metrics, read, invoke or token."""
+        if path == "/connect/token":
+            return "token"
+        if path == "/v1/functions":
+            return "create" if method == "POST" else "list"
+        match = _FUNCTION_PATH.match(path)
+        if match is None:
+            return "unknown"
+        if match["part"] is None:
+            return "delete" if method == "DELETE" else "read"
+        return match["part"]
+
+    def function_names(self) -> list[str]:
+        with self._lock:
+            return [function.name for function in self.functions.values()]
+
     def samples(self, function_id: str) -> list[EmulatedSample]:
         with self._lock:
             return list(self.functions[function_id].samples.values())
@@ -235,13 +272,18 @@ class NyckelEmulator:
         """Handle one request and return (HTTP status, JSON body)."""
         parts = urlsplit(target)
         path, query = parts.path, parse_qs(parts.query)
+        route = self.route_name(method, path)
         with self._lock:
             self.requests += 1
+            callback = self.request_callbacks.pop(route, None)
+        if callback is not None:
+            callback()
         try:
             if method == "POST" and path == "/connect/token":
                 return HTTPStatus.OK, self._issue_token(headers, body)
             self._authenticate(headers)
             self._inject_faults()
+            self._fail_route(route)
             return self._route(method, path, query, body)
         except ApiError as exc:
             return exc.status, exc.body
@@ -280,6 +322,15 @@ class NyckelEmulator:
             if self.faults.server_error_next > 0:
                 self.faults.server_error_next -= 1
                 raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, "injected server error")
+
+    def _fail_route(self, route: str) -> None:
+        with self._lock:
+            failing = self.faults.failing_routes.get(route)
+            if not failing or failing[1] <= 0:
+                return
+            failing[1] -= 1
+            status = failing[0]
+        raise ApiError(status, f"injected failure of the {route} route")
 
     def _route(self, method: str, path: str, query: dict, body: bytes) -> tuple[int, dict | list]:
         if path == "/v1/functions":
@@ -327,6 +378,7 @@ class NyckelEmulator:
                                     output="Classification")
         with self._lock:
             self.functions[function.id] = function
+            self.functions_created += 1
         return function.as_json()
 
     def _delete_function(self, function: EmulatedFunction) -> tuple[int, dict]:
@@ -363,6 +415,7 @@ class NyckelEmulator:
                                 histogram=histogram)
         with self._lock:
             function.samples[sample.id] = sample
+            self.samples_created += 1
             function.is_training = True
             function.polls_left = self.training_polls
         result = {"id": sample.id, "externalId": external_id}
