@@ -80,6 +80,8 @@ class CaseEstimate:
     endpoint_usd: float
     requests_usd: float
     prices_verified: bool
+    # False for a cloud provider without price data, whose cost is unknown (counted as 0 here).
+    prices_known: bool = True
 
     @property
     def total_usd(self) -> float:
@@ -103,7 +105,11 @@ class MatrixEstimate:
         return {case.case_id: case for case in self.cases}
 
     def unverified_providers(self) -> list[str]:
-        return sorted({case.provider for case in self.cases if not case.prices_verified})
+        return sorted({case.provider for case in self.cases if not case.prices_verified and case.prices_known})
+
+    def unpriced_providers(self) -> list[str]:
+        """Return the cloud providers whose cost is unknown because they have no price data."""
+        return sorted({case.provider for case in self.cases if not case.prices_known})
 
     def format(self) -> str:
         """Return the estimate as a text table, one line per case and a total."""
@@ -116,6 +122,10 @@ class MatrixEstimate:
         if unverified:
             lines.append(f"prices of {', '.join(unverified)} are unverified placeholders; check the provider's "
                          "price_model source before trusting this total")
+        unpriced = self.unpriced_providers()
+        if unpriced:
+            lines.append(f"no price data for {', '.join(unpriced)}: their cases count as 0 USD above, so the "
+                         "real total is higher")
         lines.append("durations are estimates (imgbench/costs.py); prices are list prices before free tiers")
         return "\n".join(lines)
 
@@ -140,10 +150,17 @@ def dataset_size(dataset: str) -> tuple[int, int]:
 
 
 def estimate_case(case: CaseSpec, bench_config: BenchConfig) -> CaseEstimate:
-    """Estimate one case's cost at list prices; a provider without a price model costs nothing."""
+    """Estimate one case's cost at list prices.
+
+    A local provider costs nothing. A cloud provider without a price model
+    gets zeros with ``prices_known=False``, so callers can tell unknown from free.
+    """
     prices = price_model_of(case.provider)
     if prices is None:
-        return CaseEstimate(case.case_id, case.provider, 0.0, 0.0, 0, 0.0, 0.0, 0.0, True)
+        from providers import get_provider_class
+
+        known = get_provider_class(case.provider).mode == "local"
+        return CaseEstimate(case.case_id, case.provider, 0.0, 0.0, 0, 0.0, 0.0, 0.0, True, prices_known=known)
     durations = EXPECTED_DURATIONS.get(case.provider, DEFAULT_DURATIONS)
     test_images, classes = dataset_size(case.dataset)
     training_images = case.ablation * classes
@@ -186,6 +203,15 @@ def recorded_spend(record: dict) -> float:
     return (seconds.get("training", 0.0) / SECONDS_PER_HOUR * (prices.training_per_hour or 0.0)
             + endpoint_s / SECONDS_PER_HOUR * (prices.endpoint_per_hour or 0.0)
             + requests / 1000 * (prices.per_1000_requests or 0.0))
+
+
+def unenforceable_reason(estimate: MatrixEstimate, provider_modes: dict[str, str]) -> str | None:
+    """Return why ``--max-cost`` cannot hold a run, because a live provider has no price data, or None."""
+    unpriced = [name for name in estimate.unpriced_providers() if provider_modes.get(name) == "live"]
+    if not unpriced:
+        return None
+    return (f"--max-cost cannot be enforced: there is no price data for {', '.join(unpriced)}; add its "
+            "price_model in providers/, or leave it out of --providers in a live run")
 
 
 def over_budget_reason(max_cost: float, spent: float, next_case: CaseEstimate) -> str | None:

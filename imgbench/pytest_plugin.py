@@ -174,9 +174,12 @@ def _check_max_cost(config: pytest.Config, bench_config: BenchConfig) -> None:
         return
     if max_cost < 0:
         raise pytest.UsageError(f"invalid --max-cost {max_cost}; use 0 or more US dollars")
-    from imgbench.costs import estimate_matrix, recorded_spend
+    from imgbench.costs import estimate_matrix, recorded_spend, unenforceable_reason
 
     estimate = estimate_matrix(bench_config, skip=finished_cases(config))
+    reason = unenforceable_reason(estimate, bench_config.provider_modes)
+    if reason:
+        raise pytest.UsageError(reason)
     spent = sum(recorded_spend(record) for record in config.stash[EARLIER_KEY])
     if spent + estimate.total_usd > max_cost:
         raise pytest.UsageError(

@@ -10,7 +10,7 @@ import pytest
 from fixtures.cases import check_budget
 from imgbench.config import BenchConfig, CaseSpec
 from imgbench.costs import (DATASET_SIZES, EXPECTED_DURATIONS, estimate_case, estimate_matrix, over_budget_reason,
-                            recorded_spend)
+                            recorded_spend, unenforceable_reason)
 from imgbench.emulators.nyckel import NyckelEmulator
 from imgbench.loadgen import LoadConfig
 from providers import get_provider_class, provider_names
@@ -22,18 +22,50 @@ CONFIG = BenchConfig(providers=("nyckel",), datasets=("beans",), ablations=(5, 2
                      load=LoadConfig(requests=100, concurrency=4, warmup=10))
 
 
-def test_every_cloud_provider_has_prices():
+def test_price_data_names_its_source():
     for name in provider_names():
         provider = get_provider_class(name)
         if provider.mode == "local":
             assert provider.price_model is None
             continue
+        assert name in EXPECTED_DURATIONS, name
+        assert EXPECTED_DURATIONS[name].source.startswith("estimate"), name
         prices = provider.price_model
+        if prices is None:
+            continue
         assert isinstance(prices, PriceModel), name
         assert prices.source.startswith("https://"), name
         assert prices.retrieved, name
-        assert name in EXPECTED_DURATIONS, name
-        assert EXPECTED_DURATIONS[name].source.startswith("estimate"), name
+
+
+def test_unpriced_provider_cost_is_unknown(monkeypatch):
+    monkeypatch.setattr(get_provider_class("nyckel"), "price_model", None)
+
+    estimate = estimate_matrix(CONFIG)
+
+    assert estimate.unpriced_providers() == ["nyckel"]
+    assert all(not case.prices_known for case in estimate.cases)
+    assert "no price data for nyckel" in estimate.format()
+
+
+def test_max_cost_needs_prices_of_live_providers(monkeypatch):
+    monkeypatch.setattr(get_provider_class("nyckel"), "price_model", None)
+    estimate = estimate_matrix(CONFIG)
+
+    reason = unenforceable_reason(estimate, {"nyckel": "live"})
+
+    assert reason is not None
+    assert "no price data for nyckel" in reason
+    assert unenforceable_reason(estimate, {"nyckel": "replay"}) is None
+
+
+def test_local_provider_cost_is_known_zero():
+    config = BenchConfig(providers=("local",), datasets=("beans",), ablations=(5,))
+
+    estimate = estimate_matrix(config)
+
+    assert estimate.unpriced_providers() == []
+    assert estimate.total_usd == 0.0
 
 
 def test_nyckel_estimate_from_price_data():
