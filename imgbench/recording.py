@@ -114,6 +114,12 @@ class RecordingRules:
     match_on: tuple[str, ...] = ("method", "path", "query", "body_digest")
     secret_fields: frozenset[str] = SECRET_FIELDS
     sensitive_values: Mapping[str, str | None] = field(default_factory=dict)
+    # JSON fields whose string values are base64 data (such as an image's
+    # bytes) and are stored as ``sha256:<hex>`` of the decoded bytes.
+    base64_fields: frozenset[str] = frozenset()
+    # (regular expression, replacement) pairs applied to stored URIs and
+    # bodies, for values of a known shape such as service-account emails.
+    text_patterns: tuple[tuple[str, str], ...] = ()
 
 
 def validate_record_mode(value: str) -> str:
@@ -150,14 +156,30 @@ def _digest_data_uri(value: str) -> str:
     return digest_text(data)
 
 
-def scrub_json(value, secret_fields: frozenset[str]):
-    """Return a copy of a JSON value with secret fields redacted and data URIs digested."""
+def _digest_base64(value):
+    """Return ``sha256:<hex>`` of a base64 string's decoded bytes, or ``value`` unchanged."""
+    if not isinstance(value, str) or value.startswith(DIGEST_PREFIX):
+        return value
+    try:
+        return digest_text(base64.b64decode(value, validate=True))
+    except (binascii.Error, ValueError):
+        return value
+
+
+def scrub_json(value, secret_fields: frozenset[str], base64_fields: frozenset[str] = frozenset()):
+    """Return a copy of a JSON value with secret fields redacted, and data URIs and ``base64_fields`` digested."""
     if isinstance(value, dict):
-        return {key: (REDACTED if key.lower() in secret_fields and value[key] not in (None, "")
-                      else scrub_json(value[key], secret_fields))
-                for key in value}
+        scrubbed = {}
+        for key, item in value.items():
+            if key.lower() in secret_fields and item not in (None, ""):
+                scrubbed[key] = REDACTED
+            elif key in base64_fields:
+                scrubbed[key] = _digest_base64(item)
+            else:
+                scrubbed[key] = scrub_json(item, secret_fields, base64_fields)
+        return scrubbed
     if isinstance(value, list):
-        return [scrub_json(item, secret_fields) for item in value]
+        return [scrub_json(item, secret_fields, base64_fields) for item in value]
     if isinstance(value, str):
         return _digest_data_uri(value)
     return value
@@ -182,7 +204,40 @@ def _header(headers: Mapping, name: str) -> str:
     return ""
 
 
-def scrub_body(body: bytes | str | None, content_type: str, secret_fields: frozenset[str]) -> bytes | None:
+def _scrub_multipart(data: bytes, content_type: str, secret_fields: frozenset[str],
+                     base64_fields: frozenset[str]) -> bytes | None:
+    """Return a ``multipart/related`` body as canonical JSON of its scrubbed parts, or None when it has none.
+
+    The boundary is random per request (google-cloud-storage uploads), so it
+    is left out, and each part is scrubbed by its own content type.
+    """
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        return None
+    separator = b"--" + match.group(1).encode("latin-1")
+    parts = []
+    for chunk in data.split(separator)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, part = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        part_type = ""
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-type":
+                part_type = value.strip()
+        scrubbed = scrub_body(part.removesuffix(b"\r\n"), part_type, secret_fields, base64_fields)
+        try:
+            text = scrubbed.decode("utf-8")
+        except UnicodeDecodeError:
+            text = digest_text(scrubbed)
+        parts.append({"content_type": part_type, "body": text})
+    if not parts:
+        return None
+    return _canonical_json({"multipart": parts})
+
+
+def scrub_body(body: bytes | str | None, content_type: str, secret_fields: frozenset[str],
+               base64_fields: frozenset[str] = frozenset()) -> bytes | None:
     """Return a body as stored in a cassette: images digested, secrets redacted, JSON canonical."""
     if body is None or body == b"" or body == "":
         return body if body is None else b""
@@ -192,6 +247,10 @@ def scrub_body(body: bytes | str | None, content_type: str, secret_fields: froze
     media_type = content_type.split(";")[0].strip().lower()
     if media_type.startswith("image/") or media_type == "application/octet-stream":
         return digest_text(data).encode()
+    if media_type == "multipart/related":
+        multipart = _scrub_multipart(data, content_type, secret_fields, base64_fields)
+        if multipart is not None:
+            return multipart
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -200,10 +259,24 @@ def scrub_body(body: bytes | str | None, content_type: str, secret_fields: froze
         return _scrub_form(data, secret_fields)
     if media_type.endswith("json") or text[:1] in ("{", "["):
         try:
-            return _canonical_json(scrub_json(json.loads(text), secret_fields))
+            return _canonical_json(scrub_json(json.loads(text), secret_fields, base64_fields))
         except ValueError:
             return data
     return data
+
+
+def _apply_patterns(value, patterns: tuple[tuple[str, str], ...]):
+    """Return ``value`` (text or bytes) with each regex of ``patterns`` replaced."""
+    if not patterns or value is None:
+        return value
+    is_bytes = isinstance(value, bytes)
+    try:
+        text = value.decode("utf-8") if is_bytes else value
+    except UnicodeDecodeError:
+        return value
+    for pattern, replacement in patterns:
+        text = re.sub(pattern, replacement, text)
+    return text.encode("utf-8") if is_bytes else text
 
 
 def _scrub_uri(uri: str, base_url: str, secret_fields: frozenset[str]) -> str:
@@ -223,8 +296,10 @@ def request_scrubber(rules: RecordingRules) -> Callable:
 
     def scrub(request):
         content_type = _header(request.headers, "content-type")
-        request.uri = _scrub_uri(request.uri, rules.base_url, rules.secret_fields)
-        request.body = scrub_body(request.body, content_type, rules.secret_fields)
+        request.uri = _apply_patterns(_scrub_uri(request.uri, rules.base_url, rules.secret_fields),
+                                      rules.text_patterns)
+        request.body = _apply_patterns(scrub_body(request.body, content_type, rules.secret_fields,
+                                                  rules.base64_fields), rules.text_patterns)
         request.headers = {key: value for key, value in request.headers.items()
                            if key.lower() in KEPT_REQUEST_HEADERS}
         return request
@@ -242,10 +317,11 @@ def response_scrubber(rules: RecordingRules) -> Callable:
         content_type = _header(headers, "content-type")
         if content_type.split(";")[0].strip().lower().endswith("json") and body:
             try:
-                body = _canonical_json(scrub_json(json.loads(body), rules.secret_fields))
+                body = _canonical_json(scrub_json(json.loads(body), rules.secret_fields, rules.base64_fields))
             except ValueError:
                 pass
         response["headers"] = headers
+        body = _apply_patterns(body, rules.text_patterns)
         response["body"] = {"string": body}
         return response
 
