@@ -15,6 +15,7 @@ from providers.base import Prediction, Provider, TrainingSet
 PROVIDERS: dict[str, str] = {
     "local": "providers.local:LocalProvider",
     "nyckel": "providers.nyckel:NyckelProvider",
+    "vertex": "providers.vertex:VertexProvider",
 }
 
 

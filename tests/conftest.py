@@ -20,10 +20,34 @@ CREDENTIAL_VARIABLES = (
 )
 
 
+# Google Cloud settings that would point the SDKs at a real project, a real
+# credential file or another endpoint.
+GOOGLE_VARIABLES = (
+    "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "GOOGLE_CLOUD_QUOTA_PROJECT", "GOOGLE_API_KEY",
+    "STORAGE_EMULATOR_HOST", "IMGBENCH_VERTEX_PROJECT", "IMGBENCH_VERTEX_BUCKET", "IMGBENCH_VERTEX_LOCATION",
+    "IMGBENCH_VERTEX_PREFIX", "IMGBENCH_VERTEX_BUDGET_MILLI_NODE_HOURS", "IMGBENCH_VERTEX_URL",
+)
+
+
 @pytest.fixture(autouse=True)
 def no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in CREDENTIAL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def empty_gcloud_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gcloud-config")
+
+
+@pytest.fixture(autouse=True)
+def no_google_credentials(monkeypatch: pytest.MonkeyPatch, empty_gcloud_config: Path) -> None:
+    """Keep Application Default Credentials away from real files and the metadata server."""
+    for name in GOOGLE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    # google-auth looks for application_default_credentials.json in this folder.
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(empty_gcloud_config))
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
 
 
 @pytest.fixture(scope="session")
