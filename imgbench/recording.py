@@ -82,6 +82,10 @@ SECRET_FIELDS = frozenset({
     "api_key", "apikey", "secret", "private_key", "assertion", "token",
 })
 
+# Checksum fields in the metadata part of a multipart upload, and what they become.
+MULTIPART_CHECKSUM_FIELDS = frozenset({"crc32c", "md5Hash"})
+MULTIPART_CHECKSUM = "checksum-of-the-next-part"
+
 META_FORMAT_VERSION = 1
 VERSIONED_PACKAGES = ("vcrpy", "requests", "urllib3", "pillow")
 
@@ -209,7 +213,10 @@ def _scrub_multipart(data: bytes, content_type: str, secret_fields: frozenset[st
     """Return a ``multipart/related`` body as canonical JSON of its scrubbed parts, or None when it has none.
 
     The boundary is random per request (google-cloud-storage uploads), so it
-    is left out, and each part is scrubbed by its own content type.
+    is left out, and each part is scrubbed by its own content type. Checksums
+    in a JSON part (``crc32c``, ``md5Hash``) describe the next part, which is
+    stored itself, so they become ``MULTIPART_CHECKSUM``: a text part that
+    holds run-specific values would otherwise never match on replay.
     """
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     if not match:
@@ -226,6 +233,15 @@ def _scrub_multipart(data: bytes, content_type: str, secret_fields: frozenset[st
             if name.strip().lower() == "content-type":
                 part_type = value.strip()
         scrubbed = scrub_body(part.removesuffix(b"\r\n"), part_type, secret_fields, base64_fields)
+        if part_type.split(";")[0].strip().lower().endswith("json"):
+            try:
+                fields = json.loads(scrubbed)
+            except ValueError:
+                fields = None
+            if isinstance(fields, dict):
+                for key in MULTIPART_CHECKSUM_FIELDS & set(fields):
+                    fields[key] = MULTIPART_CHECKSUM
+                scrubbed = _canonical_json(fields)
         try:
             text = scrubbed.decode("utf-8")
         except UnicodeDecodeError:
