@@ -118,7 +118,9 @@ PROJECT_PLACEHOLDER = "<VERTEX_PROJECT>"
 PROJECT_NUMBER_PLACEHOLDER = "<VERTEX_PROJECT_NUMBER>"
 BUCKET_PLACEHOLDER = "<VERTEX_BUCKET>"
 RUN_PLACEHOLDER = "<IMGBENCH_RUN_LABEL>"
-SERVICE_ACCOUNT_PATTERN = (r"[a-z0-9][a-z0-9-]*@[a-z0-9-]+\.iam\.gserviceaccount\.com", "<SERVICE_ACCOUNT_EMAIL>")
+# A service-account email, also with its '@' percent-encoded as in a query string.
+SERVICE_ACCOUNT_PATTERN = (r"[a-z0-9][a-z0-9-]*(?:@|%40)[a-z0-9-]+\.iam\.gserviceaccount\.com",
+                           "<SERVICE_ACCOUNT_EMAIL>")
 
 PIPELINE_DONE_STATES = ("PIPELINE_STATE_SUCCEEDED", "PIPELINE_STATE_FAILED", "PIPELINE_STATE_CANCELLED")
 

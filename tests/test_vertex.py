@@ -463,3 +463,100 @@ def test_price_model_says_idle_endpoints_bill():
     assert prices.endpoint_per_hour == pytest.approx(1.375)
     assert "even when idle" in prices.notes
     assert prices.source.startswith("https://cloud.google.com/")
+
+
+# Cassettes ------------------------------------------------------------------------------------
+
+TOKEN = "ya29.test-token-5d2c9e41b7"
+
+
+def record_case(emulator: VertexEmulator, mini_datasets: Path, tmp_path: Path) -> tuple[Path, list]:
+    """Run the lifecycle against the emulator with a bearer token, recording it to a cassette."""
+    from google.oauth2.credentials import Credentials
+
+    from imgbench.recording import cassette_path, use_case_cassette
+
+    options = VertexOptions(project="secret-project-7781", bucket="secret-bucket-4410", api_endpoint=emulator.url,
+                            training_poll_interval_s=30.0, operation_poll_interval_s=5.0)
+    provider = VertexProvider(options, run_mode="emulator", run_id=RUN_ID, clock=ReplayClock(),
+                              credentials=Credentials(token=TOKEN))
+    provider.case_id = CASE_ID
+    path = cassette_path(tmp_path / "cassettes", "vertex", CASE_ID)
+    with use_case_cassette(provider.recording_rules(), path, "once", CASE_ID):
+        try:
+            predictions = run_lifecycle(provider, mini_datasets)
+        finally:
+            provider.teardown()
+    return path, predictions
+
+
+def test_cassette_on_disk_is_scrubbed(emulator, mini_datasets, tmp_path):
+    from imgbench.recording import scan_for_secrets
+
+    path, _ = record_case(emulator, mini_datasets, tmp_path)
+    text = path.read_text(encoding="utf-8")
+    test_image = base64.b64encode(beans_records(mini_datasets, "test", 1)[0].path.read_bytes()[:60]).decode()
+
+    assert TOKEN not in text
+    assert "secret-project-7781" not in text
+    assert "secret-bucket-4410" not in text
+    assert emulator.project_number not in text
+    assert RUN_LABEL_VALUE not in text
+    assert test_image[:40] not in text
+    assert "<VERTEX_PROJECT>" in text
+    assert "<VERTEX_PROJECT_NUMBER>" in text
+    assert "<VERTEX_BUCKET>" in text
+    assert "<IMGBENCH_RUN_LABEL>" in text
+    assert '\\"content\\":\\"sha256:' in text or '"content":"sha256:' in text
+    assert scan_for_secrets(text, (TOKEN,)) == []
+
+
+def test_recorded_case_replays_offline(emulator, mini_datasets, tmp_path):
+    from imgbench.recording import use_case_cassette
+
+    path, recorded = record_case(emulator, mini_datasets, tmp_path)
+    emulator.stop()
+    options = VertexOptions(project="imgbench-replay-project", bucket="imgbench-replay-bucket",
+                            api_endpoint="http://127.0.0.1:9")
+    provider = VertexProvider(options, run_mode="replay", run_id="20270101T000000Z-ffffff")
+    provider.case_id = CASE_ID
+
+    with use_case_cassette(provider.recording_rules(), path, "none", CASE_ID):
+        replayed = run_lifecycle(provider, mini_datasets)
+        provider.teardown()
+
+    assert [p.label for p in replayed] == [p.label for p in recorded]
+    assert [p.confidence for p in replayed] == [p.confidence for p in recorded]
+    assert provider.clock.sleeps > 0
+
+
+def test_token_exchange_and_service_account_are_scrubbed():
+    from vcr.request import Request
+
+    from imgbench.recording import request_scrubber, response_scrubber
+
+    options = VertexOptions(project="p", bucket="b", api_endpoint="http://127.0.0.1:9")
+    rules = VertexProvider(options, run_mode="replay", run_id=RUN_ID).recording_rules()
+    exchange = Request("POST", "https://oauth2.googleapis.com/token",
+                       b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion=eyJhbGciOi.x.y",
+                       {"Content-Type": "application/x-www-form-urlencoded", "Authorization": f"Bearer {TOKEN}"})
+    listing = Request("GET", "https://us-central1-aiplatform.googleapis.com/v1/x?sa=bench-runner@proj-1."
+                      "iam.gserviceaccount.com", None, {})
+    response = {"status": {"code": 200, "message": "OK"},
+                "headers": {"Content-Type": ["application/json"], "Set-Cookie": ["a=b"]},
+                "body": {"string": json.dumps({"access_token": TOKEN, "expires_in": 3599,
+                                               "serviceAccount": "bench-runner@proj-1.iam.gserviceaccount.com"}
+                                              ).encode()}}
+
+    scrubbed_exchange = request_scrubber(rules)(exchange)
+    scrubbed_listing = request_scrubber(rules)(listing)
+    scrubbed_response = response_scrubber(rules)(response)
+
+    assert b"eyJhbGciOi" not in scrubbed_exchange.body
+    assert b"assertion=REDACTED" in scrubbed_exchange.body
+    assert "Authorization" not in scrubbed_exchange.headers
+    assert "bench-runner" not in scrubbed_listing.uri
+    assert TOKEN.encode() not in scrubbed_response["body"]["string"]
+    assert b"bench-runner" not in scrubbed_response["body"]["string"]
+    assert b"<SERVICE_ACCOUNT_EMAIL>" in scrubbed_response["body"]["string"]
+    assert "Set-Cookie" not in scrubbed_response["headers"]
