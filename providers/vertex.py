@@ -1,12 +1,13 @@
 """The Google Vertex AI AutoML image classification provider.
 
-One case uploads its training images to ``gs://<bucket>/<prefix>/<run>/<case>/``,
-writes a CSV import file with each image's ML_USE (``training`` or
-``validation``, as the ablation plan assigns them), creates an image dataset
-and imports that file, trains an AutoML single-label classification model
-with a filter split on those ML_USE labels, deploys it to a new endpoint with
-automatic resources (one replica), and invokes ``:predict`` with the image's
-base64 bytes, ``confidenceThreshold`` 0, taking the top prediction.
+One case uploads its training images to ``gs://<bucket>/<prefix>/<run>/<case>/``
+and writes a CSV import file with each image's ML_USE (``training`` or
+``validation``, as the ablation plan assigns them). It creates an image
+dataset, imports that file, and trains an AutoML single-label classification
+model with a filter split on those ML_USE labels. The model is deployed to a
+new endpoint with automatic resources (one replica), and ``invoke`` sends
+``:predict`` the image's base64 bytes with ``confidenceThreshold`` 0 and takes
+the top prediction.
 ``teardown`` undeploys the model and deletes the endpoint, model, training
 pipeline, dataset and uploaded objects, also after a failure. Every resource
 carries the labels ``imgbench-run`` and ``imgbench-case``, so leftovers are
@@ -133,7 +134,8 @@ PRICES = PriceModel(
     storage_per_gb_month=None,
     source="https://cloud.google.com/vertex-ai/pricing",
     retrieved="2026-12-04",
-    notes=("AutoML image classification: training $3.465 per node hour (8 node hours at least), deployment and "
+    notes=("AutoML image classification: training $3.465 per node hour (the default budget caps it at 8 node "
+           "hours), deployment and "
            "online prediction $1.375 per node hour. A deployed model bills per node hour even when idle, until "
            "it is undeployed. Cloud Storage for the uploaded images is billed apart."),
 )
@@ -333,6 +335,7 @@ class VertexProvider(Provider):
     # The provider contract ----------------------------------------------------
 
     def upload(self, training_set: TrainingSet) -> VertexUpload:
+        # NOTE: 32 characters is a conservative guess at the service's label limit; not checked live.
         labels = safe_labels(training_set.classes, service="Vertex AI", max_length=32)
         self._labels = labels
         folder = self._case_folder(training_set.case_id)
@@ -537,20 +540,20 @@ class VertexProvider(Provider):
 
     # Waiting ---------------------------------------------------------------------
 
-    def _wait_operation(self, operation, what: str):
+    def _wait_operation(self, operation, description: str):
         """Poll a long-running operation on this provider's clock; return its result."""
         from google.api_core import exceptions as core
 
         deadline = self.clock.monotonic() + self.options.operation_timeout_s
-        while not self._call(lambda: operation.done(retry=None), f"{what} status read"):
+        while not self._call(lambda: operation.done(retry=None), f"{description} status read"):
             if self.clock.monotonic() >= deadline:
-                raise ProviderTimeoutError(f"Vertex AI {what} ({operation.operation.name}) did not finish within "
+                raise ProviderTimeoutError(f"Vertex AI {description} ({operation.operation.name}) did not finish within "
                                            f"{self.options.operation_timeout_s:.0f} s")
             self.clock.sleep(self.options.operation_poll_interval_s)
         try:
             return operation.result(timeout=0, retry=None)
         except core.GoogleAPICallError as exc:
-            raise self._mapped(exc, what) from exc
+            raise self._mapped(exc, description) from exc
 
     def _wait_training(self, pipeline_name: str, labels: ClassLabels) -> VertexModel:
         deadline = self.clock.monotonic() + self.options.training_timeout_s

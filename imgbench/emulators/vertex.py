@@ -27,8 +27,8 @@ histogram of the images imported with ML_USE ``training`` (see
 ``imgbench.emulators.nyckel.image_histogram``). Operations finish after
 ``operation_polls`` reads and training after ``training_polls`` reads, so a
 provider's waiting loops run. Fault injection fails imports or training,
-answers matching requests with an error status (429 RESOURCE_EXHAUSTED for
-quota), or closes the connection without a response.
+responds to matching requests with an error status (429 RESOURCE_EXHAUSTED
+for quota), or closes the connection without a response.
 
 Use it as a context manager in tests, or run
 ``python -m imgbench.emulators.vertex --port 8766`` to record cassettes.
