@@ -13,7 +13,10 @@ What a cassette stores:
   fields and query parameters become ``REDACTED``, and values a provider
   names (client ids, account ids, bucket names) become placeholders.
 * An image body is replaced by ``sha256:<hex digest>`` of the image bytes: a
-  whole binary body, or a ``data:...;base64,`` string inside a JSON body.
+  whole binary body, or a ``data:...;base64,`` string inside a JSON body, or
+  a JSON field that ``RecordingRules.base64_fields`` names. A
+  ``multipart/related`` body is stored as JSON of its scrubbed parts, without
+  its random boundary.
   Requests are matched on method, path, query and a digest of that scrubbed
   body, never on scheme, host or port, so a cassette recorded against the
   emulator on a random port replays anywhere.
@@ -216,7 +219,7 @@ def _scrub_multipart(data: bytes, content_type: str, secret_fields: frozenset[st
     is left out, and each part is scrubbed by its own content type. Checksums
     in a JSON part (``crc32c``, ``md5Hash``) describe the next part, which is
     stored itself, so they become ``MULTIPART_CHECKSUM``: a text part that
-    holds run-specific values would otherwise never match on replay.
+    contains run-specific values would otherwise never match on replay.
     """
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     if not match:
