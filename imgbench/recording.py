@@ -90,7 +90,8 @@ MULTIPART_CHECKSUM_FIELDS = frozenset({"crc32c", "md5Hash"})
 MULTIPART_CHECKSUM = "checksum-of-the-next-part"
 
 META_FORMAT_VERSION = 1
-VERSIONED_PACKAGES = ("vcrpy", "requests", "urllib3", "pillow")
+VERSIONED_PACKAGES = ("vcrpy", "requests", "urllib3", "pillow", "google-cloud-aiplatform", "google-cloud-storage",
+                      "google-api-core")
 
 
 class CassetteMissError(ImgbenchError):
@@ -586,7 +587,8 @@ def cassette_miss_error(exc: CannotOverwriteExistingCassetteException) -> Casset
         for stored, _, failed in similar[:3]:
             differences = "; ".join(f"{name}: {message}" for name, message in failed) or "matches"
             lines.append(f"  {_describe_request(stored)} (differs in {differences})")
-    lines.append("Re-record it with --record-mode=once against the emulator (--nyckel-url URL for Nyckel) "
+    provider = Path(cassette._path).parent.name
+    lines.append(f"Re-record it with --record-mode=once against the emulator (--{provider}-url URL) "
                  "or the live service (-m live); see cassettes/README.md.")
     return CassetteMissError("\n".join(lines))
 
