@@ -47,7 +47,9 @@ def no_google_credentials(monkeypatch: pytest.MonkeyPatch, empty_gcloud_config: 
         monkeypatch.delenv(name, raising=False)
     # google-auth looks for application_default_credentials.json in this folder.
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(empty_gcloud_config))
-    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    # google-auth skips its metadata-server probe when this is "true", but reads it
+    # only when google.auth.compute_engine._metadata is first imported.
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
 
 
 @pytest.fixture(scope="session")

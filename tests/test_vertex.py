@@ -27,6 +27,7 @@ from imgbench.clock import ReplayClock
 from imgbench.datasets import ImageRecord
 from imgbench.emulators.vertex import PREDICT_PAYLOAD_LIMIT_BYTES, VertexEmulator
 from imgbench.errors import (
+    ConfigError,
     InvalidInputError,
     ProviderError,
     QuotaError,
@@ -50,6 +51,9 @@ from providers.vertex import (
 RUN_ID = "20261204T120000Z-abc123"
 RUN_LABEL_VALUE = "20261204t120000z-abc123"
 CASE_ID = "vertex-beans-3"
+# The project and bucket that the provider uses against an emulator by default.
+EMULATED_PROJECT = "emulated-project"
+EMULATED_BUCKET = "emulated-bucket"
 
 
 @pytest.fixture(autouse=True)
@@ -447,12 +451,12 @@ def test_leftovers_are_found_by_run_label_and_deleted(emulator, mini_datasets, t
 # Settings ----------------------------------------------------------------------------------
 
 def test_options_reject_budget_below_minimum():
-    with pytest.raises(Exception, match="8000"):
+    with pytest.raises(ConfigError, match="8000"):
         VertexOptions(project="p", bucket="b", budget_milli_node_hours=1000)
 
 
 def test_options_name_missing_project():
-    with pytest.raises(Exception, match="IMGBENCH_VERTEX_PROJECT"):
+    with pytest.raises(ConfigError, match="IMGBENCH_VERTEX_PROJECT"):
         VertexOptions(project="", bucket="b")
 
 
@@ -560,3 +564,88 @@ def test_token_exchange_and_service_account_are_scrubbed():
     assert b"bench-runner" not in scrubbed_response["body"]["string"]
     assert b"<SERVICE_ACCOUNT_EMAIL>" in scrubbed_response["body"]["string"]
     assert "Set-Cookie" not in scrubbed_response["headers"]
+
+
+# Configuration and the benchmark's fixtures ------------------------------------------------------
+
+def bench_config(emulator: VertexEmulator, **provider_options: str):
+    from imgbench.config import BenchConfig
+
+    return BenchConfig(providers=("vertex",), run_id=RUN_ID, provider_modes={"vertex": "emulator"},
+                       service_urls={"vertex": emulator.url}, provider_options={"vertex": provider_options})
+
+
+def test_from_config_reads_options_before_environment(emulator, monkeypatch):
+    monkeypatch.setenv("IMGBENCH_VERTEX_PROJECT", "env-project")
+    monkeypatch.setenv("IMGBENCH_VERTEX_BUCKET", "env-bucket")
+    config = bench_config(emulator, project="option-project", budget_milli_node_hours="16000", location="europe-west4")
+
+    provider = VertexProvider.from_config(config)
+
+    assert provider.options.project == "option-project"
+    assert provider.options.bucket == "env-bucket"
+    assert provider.options.location == "europe-west4"
+    assert provider.options.budget_milli_node_hours == 16000
+    assert provider.options.api_endpoint == emulator.url
+    assert provider.run_mode == "emulator"
+
+
+def test_from_config_rejects_invalid_budget(emulator):
+    with pytest.raises(ConfigError, match="'lots'"):
+        VertexProvider.from_config(bench_config(emulator, budget_milli_node_hours="lots"))
+
+
+def test_replay_uses_fixed_project_and_anonymous_credentials():
+    from imgbench.config import BenchConfig
+
+    config = BenchConfig(providers=("vertex",), run_id=RUN_ID, provider_modes={"vertex": "replay"},
+                         provider_options={"vertex": {"project": "real-project"}})
+    provider = VertexProvider.from_config(config)
+
+    assert provider.options.project == "imgbench-replay-project"
+    assert provider.options.bucket == "imgbench-replay-bucket"
+    assert isinstance(provider._credentials_for(), AnonymousCredentials)
+    assert isinstance(provider.clock, ReplayClock)
+
+
+def test_live_without_adc_names_the_fix(monkeypatch, tmp_path):
+    from imgbench.errors import AuthenticationError
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing-key.json"))
+    provider = VertexProvider(VertexOptions(project="p", bucket="b"), run_mode="live", run_id=RUN_ID)
+
+    with pytest.raises(AuthenticationError, match="application-default login"):
+        provider._credentials_for()
+
+
+def test_leftover_classmethods_use_the_config(emulator, mini_datasets, tmp_path):
+    provider = make_provider(emulator, tmp_path, project=EMULATED_PROJECT, bucket=EMULATED_BUCKET)
+    provider.deploy(provider.train(provider.upload(training_set(mini_datasets))))
+    config = bench_config(emulator)
+
+    leftovers = VertexProvider.find_leftovers(config, RUN_ID)
+    for leftover in leftovers:
+        VertexProvider.delete_leftover(config, leftover)
+
+    assert len(leftovers) == 5
+    assert VertexProvider.find_leftovers(config, None) == []
+    assert emulator.resource_counts() == dict.fromkeys(emulator.resource_counts(), 0)
+
+
+def test_failed_training_case_cleans_up(emulator, mini_datasets, shared_cache_dir, tmp_path):
+    from imgbench.results import iter_records
+    from tests.conftest import run_benchmark
+
+    emulator.fail_training()
+    results = tmp_path / "results.json"
+
+    completed = run_benchmark(["--providers", "vertex", "--datasets", "beans", "--ablations", "5",
+                               "--datasets-dir", str(mini_datasets), "--vertex-url", emulator.url,
+                               "--load-requests", "10", "--results", str(results)], shared_cache_dir, timeout=300)
+
+    records = list(iter_records(json.loads(results.read_text())))
+    assert completed.returncode == 1, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert records[0]["status"] == "failed"
+    assert records[0]["error"]["kind"] == "training_failed"
+    assert "teardown_error" not in records[0]
+    assert emulator.resource_counts() == dict.fromkeys(emulator.resource_counts(), 0)
