@@ -13,7 +13,10 @@ What a cassette stores:
   fields and query parameters become ``REDACTED``, and values a provider
   names (client ids, account ids, bucket names) become placeholders.
 * An image body is replaced by ``sha256:<hex digest>`` of the image bytes: a
-  whole binary body, or a ``data:...;base64,`` string inside a JSON body.
+  whole binary body, or a ``data:...;base64,`` string inside a JSON body, or
+  a JSON field that ``RecordingRules.base64_fields`` names. A
+  ``multipart/related`` body is stored as JSON of its scrubbed parts, without
+  its random boundary.
   Requests are matched on method, path, query and a digest of that scrubbed
   body, never on scheme, host or port, so a cassette recorded against the
   emulator on a random port replays anywhere.
@@ -82,8 +85,13 @@ SECRET_FIELDS = frozenset({
     "api_key", "apikey", "secret", "private_key", "assertion", "token",
 })
 
+# Checksum fields in the metadata part of a multipart upload, and what they become.
+MULTIPART_CHECKSUM_FIELDS = frozenset({"crc32c", "md5Hash"})
+MULTIPART_CHECKSUM = "checksum-of-the-next-part"
+
 META_FORMAT_VERSION = 1
-VERSIONED_PACKAGES = ("vcrpy", "requests", "urllib3", "pillow")
+VERSIONED_PACKAGES = ("vcrpy", "requests", "urllib3", "pillow", "google-cloud-aiplatform", "google-cloud-storage",
+                      "google-api-core")
 
 
 class CassetteMissError(ImgbenchError):
@@ -117,11 +125,11 @@ class RecordingRules:
     # Request headers stored and matched besides Content-Type, such as
     # X-Amz-Target, which names the operation of an AWS JSON request.
     kept_request_headers: frozenset[str] = KEPT_REQUEST_HEADERS
-    # JSON fields whose string value is base64 image bytes (AWS's ``Bytes``),
-    # stored as ``sha256:<hex>`` of the decoded bytes.
-    digest_fields: frozenset[str] = frozenset()
-    # (regex, replacement) pairs applied to stored URIs and bodies, for values
-    # known only by their shape, such as account ids inside ARNs.
+    # JSON fields whose string values are base64 data (such as an image's
+    # bytes) and are stored as ``sha256:<hex>`` of the decoded bytes.
+    base64_fields: frozenset[str] = frozenset()
+    # (regular expression, replacement) pairs applied to stored URIs and
+    # bodies, for values of a known shape such as service-account emails.
     text_patterns: tuple[tuple[str, str], ...] = ()
 
 
@@ -169,20 +177,20 @@ def _digest_base64(value):
         return value
 
 
-def scrub_json(value, secret_fields: frozenset[str], digest_fields: frozenset[str] = frozenset()):
-    """Return a copy of a JSON value with secret fields redacted and data URIs and ``digest_fields`` digested."""
+def scrub_json(value, secret_fields: frozenset[str], base64_fields: frozenset[str] = frozenset()):
+    """Return a copy of a JSON value with secret fields redacted, and data URIs and ``base64_fields`` digested."""
     if isinstance(value, dict):
         scrubbed = {}
         for key, item in value.items():
             if key.lower() in secret_fields and item not in (None, ""):
                 scrubbed[key] = REDACTED
-            elif key in digest_fields:
+            elif key in base64_fields:
                 scrubbed[key] = _digest_base64(item)
             else:
-                scrubbed[key] = scrub_json(item, secret_fields, digest_fields)
+                scrubbed[key] = scrub_json(item, secret_fields, base64_fields)
         return scrubbed
     if isinstance(value, list):
-        return [scrub_json(item, secret_fields, digest_fields) for item in value]
+        return [scrub_json(item, secret_fields, base64_fields) for item in value]
     if isinstance(value, str):
         return _digest_data_uri(value)
     return value
@@ -207,8 +215,52 @@ def _header(headers: Mapping, name: str) -> str:
     return ""
 
 
+def _scrub_multipart(data: bytes, content_type: str, secret_fields: frozenset[str],
+                     base64_fields: frozenset[str]) -> bytes | None:
+    """Return a ``multipart/related`` body as canonical JSON of its scrubbed parts, or None when it has none.
+
+    The boundary is random per request (google-cloud-storage uploads), so it
+    is left out, and each part is scrubbed by its own content type. Checksums
+    in a JSON part (``crc32c``, ``md5Hash``) describe the next part, which is
+    stored itself, so they become ``MULTIPART_CHECKSUM``: a text part that
+    contains run-specific values would otherwise never match on replay.
+    """
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not match:
+        return None
+    separator = b"--" + match.group(1).encode("latin-1")
+    parts = []
+    for chunk in data.split(separator)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, part = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        part_type = ""
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-type":
+                part_type = value.strip()
+        scrubbed = scrub_body(part.removesuffix(b"\r\n"), part_type, secret_fields, base64_fields)
+        if part_type.split(";")[0].strip().lower().endswith("json"):
+            try:
+                fields = json.loads(scrubbed)
+            except ValueError:
+                fields = None
+            if isinstance(fields, dict):
+                for key in MULTIPART_CHECKSUM_FIELDS & set(fields):
+                    fields[key] = MULTIPART_CHECKSUM
+                scrubbed = _canonical_json(fields)
+        try:
+            text = scrubbed.decode("utf-8")
+        except UnicodeDecodeError:
+            text = digest_text(scrubbed)
+        parts.append({"content_type": part_type, "body": text})
+    if not parts:
+        return None
+    return _canonical_json({"multipart": parts})
+
+
 def scrub_body(body: bytes | str | None, content_type: str, secret_fields: frozenset[str],
-               digest_fields: frozenset[str] = frozenset()) -> bytes | None:
+               base64_fields: frozenset[str] = frozenset()) -> bytes | None:
     """Return a body as stored in a cassette: images digested, secrets redacted, JSON canonical."""
     if body is None or body == b"" or body == "":
         return body if body is None else b""
@@ -218,6 +270,10 @@ def scrub_body(body: bytes | str | None, content_type: str, secret_fields: froze
     media_type = content_type.split(";")[0].strip().lower()
     if media_type.startswith("image/") or media_type == "application/octet-stream":
         return digest_text(data).encode()
+    if media_type == "multipart/related":
+        multipart = _scrub_multipart(data, content_type, secret_fields, base64_fields)
+        if multipart is not None:
+            return multipart
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -226,25 +282,24 @@ def scrub_body(body: bytes | str | None, content_type: str, secret_fields: froze
         return _scrub_form(data, secret_fields)
     if media_type.endswith("json") or text[:1] in ("{", "["):
         try:
-            return _canonical_json(scrub_json(json.loads(text), secret_fields, digest_fields))
+            return _canonical_json(scrub_json(json.loads(text), secret_fields, base64_fields))
         except ValueError:
             return data
     return data
 
 
-def _apply_patterns(data, patterns: tuple[tuple[str, str], ...]):
-    """Return ``data`` (str or bytes) with every (regex, replacement) pair applied; None stays None."""
-    if not patterns or data is None:
-        return data
-    if isinstance(data, bytes):
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            return data
-        return _apply_patterns(text, patterns).encode("utf-8")
+def _apply_patterns(value, patterns: tuple[tuple[str, str], ...]):
+    """Return ``value`` (text or bytes) with each regex of ``patterns`` replaced."""
+    if not patterns or value is None:
+        return value
+    is_bytes = isinstance(value, bytes)
+    try:
+        text = value.decode("utf-8") if is_bytes else value
+    except UnicodeDecodeError:
+        return value
     for pattern, replacement in patterns:
-        data = re.sub(pattern, replacement, data)
-    return data
+        text = re.sub(pattern, replacement, text)
+    return text.encode("utf-8") if is_bytes else text
 
 
 def _scrub_uri(uri: str, base_url: str, secret_fields: frozenset[str]) -> str:
@@ -267,7 +322,7 @@ def request_scrubber(rules: RecordingRules) -> Callable:
         request.uri = _apply_patterns(_scrub_uri(request.uri, rules.base_url, rules.secret_fields),
                                       rules.text_patterns)
         request.body = _apply_patterns(scrub_body(_request_body(request), content_type, rules.secret_fields,
-                                                  rules.digest_fields), rules.text_patterns)
+                                                  rules.base64_fields), rules.text_patterns)
         request.headers = {key: value.decode("latin-1") if isinstance(value, bytes) else value
                            for key, value in request.headers.items() if key.lower() in rules.kept_request_headers}
         if not isinstance(request.body, (bytes, str, type(None))):
@@ -289,7 +344,7 @@ def response_scrubber(rules: RecordingRules) -> Callable:
         content_type = _header(headers, "content-type")
         if content_type.split(";")[0].strip().lower().endswith("json") and body:
             try:
-                body = _canonical_json(scrub_json(json.loads(body), rules.secret_fields))
+                body = _canonical_json(scrub_json(json.loads(body), rules.secret_fields, rules.base64_fields))
             except ValueError:
                 pass
         response["headers"] = headers
@@ -562,7 +617,8 @@ def cassette_miss_error(exc: CannotOverwriteExistingCassetteException) -> Casset
         for stored, _, failed in similar[:3]:
             differences = "; ".join(f"{name}: {message}" for name, message in failed) or "matches"
             lines.append(f"  {_describe_request(stored)} (differs in {differences})")
-    lines.append("Re-record it with --record-mode=once against the emulator (--nyckel-url URL for Nyckel) "
+    provider = Path(cassette._path).parent.name
+    lines.append(f"Re-record it with --record-mode=once against the emulator (--{provider}-url URL) "
                  "or the live service (-m live); see cassettes/README.md.")
     return CassetteMissError("\n".join(lines))
 

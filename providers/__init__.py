@@ -16,6 +16,7 @@ PROVIDERS: dict[str, str] = {
     "local": "providers.local:LocalProvider",
     "nyckel": "providers.nyckel:NyckelProvider",
     "aws": "providers.aws:RekognitionProvider",
+    "vertex": "providers.vertex:VertexProvider",
 }
 
 

@@ -292,7 +292,7 @@ class RekognitionProvider(Provider):
             base_url="https://amazonaws.com",
             match_on=("method", "path", "query", "amz_target", "body_digest"),
             kept_request_headers=frozenset({"content-type", "x-amz-target"}),
-            digest_fields=frozenset({"Bytes"}),
+            base64_fields=frozenset({"Bytes"}),
             text_patterns=((r"(arn:aws[a-z-]*:[a-z0-9-]+:[a-z0-9-]*:)\d{12}(:)", rf"\g<1>{ACCOUNT_ID_PLACEHOLDER}\g<2>"),),
             sensitive_values={RUN_PREFIX_PLACEHOLDER: self.run_prefix, BUCKET_PLACEHOLDER: self.options.bucket},
         )

@@ -27,6 +27,15 @@ AWS_CONFIG_VARIABLES = (
 )
 
 
+# Google Cloud settings that would point the SDKs at a real project, a real
+# credential file or another endpoint.
+GOOGLE_VARIABLES = (
+    "GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "GOOGLE_CLOUD_QUOTA_PROJECT", "GOOGLE_API_KEY",
+    "STORAGE_EMULATOR_HOST", "IMGBENCH_VERTEX_PROJECT", "IMGBENCH_VERTEX_BUCKET", "IMGBENCH_VERTEX_LOCATION",
+    "IMGBENCH_VERTEX_PREFIX", "IMGBENCH_VERTEX_BUDGET_MILLI_NODE_HOURS", "IMGBENCH_VERTEX_URL",
+)
+
+
 @pytest.fixture(autouse=True)
 def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for name in CREDENTIAL_VARIABLES + AWS_CONFIG_VARIABLES:
@@ -39,6 +48,23 @@ def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Tem
         path.touch()
         monkeypatch.setenv(variable, str(path))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def empty_gcloud_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gcloud-config")
+
+
+@pytest.fixture(autouse=True)
+def no_google_credentials(monkeypatch: pytest.MonkeyPatch, empty_gcloud_config: Path) -> None:
+    """Keep Application Default Credentials away from real files and the metadata server."""
+    for name in GOOGLE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    # google-auth looks for application_default_credentials.json in this folder.
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(empty_gcloud_config))
+    # google-auth skips its metadata-server probe when this is "true", but reads it
+    # only when google.auth.compute_engine._metadata is first imported.
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
 
 
 @pytest.fixture(scope="session")
