@@ -83,7 +83,7 @@ SECRET_FIELDS = frozenset({
 })
 
 META_FORMAT_VERSION = 1
-VERSIONED_PACKAGES = ("vcrpy", "requests", "urllib3", "pillow")
+VERSIONED_PACKAGES = ("vcrpy", "requests", "urllib3", "pillow", "httpx", "huggingface_hub")
 
 
 class CassetteMissError(ImgbenchError):
@@ -113,7 +113,12 @@ class RecordingRules:
     base_url: str
     match_on: tuple[str, ...] = ("method", "path", "query", "body_digest")
     secret_fields: frozenset[str] = SECRET_FIELDS
-    sensitive_values: Mapping[str, str | None] = field(default_factory=dict)
+    # A value may also be a callable of (request, response) that vcrpy calls
+    # when it hides or restores the value, for values learnt during the case.
+    sensitive_values: Mapping[str, str | None | Callable] = field(default_factory=dict)
+    # JSON fields whose string values (such as base64 file contents) are stored
+    # as ``sha256:<hex digest>`` of the string.
+    digest_fields: frozenset[str] = frozenset()
 
 
 def validate_record_mode(value: str) -> str:
@@ -150,17 +155,34 @@ def _digest_data_uri(value: str) -> str:
     return digest_text(data)
 
 
-def scrub_json(value, secret_fields: frozenset[str]):
-    """Return a copy of a JSON value with secret fields redacted and data URIs digested."""
+def scrub_json(value, secret_fields: frozenset[str], digest_fields: frozenset[str] = frozenset()):
+    """Return a copy of a JSON value with secret fields redacted and data URIs and ``digest_fields`` digested."""
     if isinstance(value, dict):
-        return {key: (REDACTED if key.lower() in secret_fields and value[key] not in (None, "")
-                      else scrub_json(value[key], secret_fields))
-                for key in value}
+        return {key: _scrub_field(key, value[key], secret_fields, digest_fields) for key in value}
     if isinstance(value, list):
-        return [scrub_json(item, secret_fields) for item in value]
+        return [scrub_json(item, secret_fields, digest_fields) for item in value]
     if isinstance(value, str):
         return _digest_data_uri(value)
     return value
+
+
+def _scrub_field(key: str, value, secret_fields: frozenset[str], digest_fields: frozenset[str]):
+    if key.lower() in secret_fields and value not in (None, ""):
+        return REDACTED
+    if key in digest_fields and isinstance(value, str) and not value.startswith(DIGEST_PREFIX):
+        return digest_text(value.encode("utf-8"))
+    return scrub_json(value, secret_fields, digest_fields)
+
+
+def _scrub_ndjson(text: str, secret_fields: frozenset[str], digest_fields: frozenset[str]) -> bytes:
+    """Scrub each line of a newline-delimited JSON body (the Hub's commit API sends one)."""
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(_canonical_json(scrub_json(json.loads(line), secret_fields, digest_fields)))
+        except ValueError:
+            lines.append(line.encode("utf-8"))
+    return b"\n".join(lines) + b"\n"
 
 
 def _canonical_json(value) -> bytes:
@@ -182,7 +204,8 @@ def _header(headers: Mapping, name: str) -> str:
     return ""
 
 
-def scrub_body(body: bytes | str | None, content_type: str, secret_fields: frozenset[str]) -> bytes | None:
+def scrub_body(body: bytes | str | None, content_type: str, secret_fields: frozenset[str],
+               digest_fields: frozenset[str] = frozenset()) -> bytes | None:
     """Return a body as stored in a cassette: images digested, secrets redacted, JSON canonical."""
     if body is None or body == b"" or body == "":
         return body if body is None else b""
@@ -198,9 +221,11 @@ def scrub_body(body: bytes | str | None, content_type: str, secret_fields: froze
         return digest_text(data).encode()
     if media_type == "application/x-www-form-urlencoded":
         return _scrub_form(data, secret_fields)
+    if media_type in ("application/x-ndjson", "application/jsonl"):
+        return _scrub_ndjson(text, secret_fields, digest_fields)
     if media_type.endswith("json") or text[:1] in ("{", "["):
         try:
-            return _canonical_json(scrub_json(json.loads(text), secret_fields))
+            return _canonical_json(scrub_json(json.loads(text), secret_fields, digest_fields))
         except ValueError:
             return data
     return data
@@ -224,7 +249,7 @@ def request_scrubber(rules: RecordingRules) -> Callable:
     def scrub(request):
         content_type = _header(request.headers, "content-type")
         request.uri = _scrub_uri(request.uri, rules.base_url, rules.secret_fields)
-        request.body = scrub_body(request.body, content_type, rules.secret_fields)
+        request.body = scrub_body(request.body, content_type, rules.secret_fields, rules.digest_fields)
         request.headers = {key: value for key, value in request.headers.items()
                            if key.lower() in KEPT_REQUEST_HEADERS}
         return request
@@ -242,7 +267,7 @@ def response_scrubber(rules: RecordingRules) -> Callable:
         content_type = _header(headers, "content-type")
         if content_type.split(";")[0].strip().lower().endswith("json") and body:
             try:
-                body = _canonical_json(scrub_json(json.loads(body), rules.secret_fields))
+                body = _canonical_json(scrub_json(json.loads(body), rules.secret_fields, rules.digest_fields))
             except ValueError:
                 pass
         response["headers"] = headers
