@@ -20,10 +20,25 @@ CREDENTIAL_VARIABLES = (
 )
 
 
+# Hugging Face Hub settings that would point huggingface_hub at another service or token file.
+HUGGINGFACE_VARIABLES = ("HF_ENDPOINT", "HF_TOKEN_PATH", "HF_INFERENCE_ENDPOINT")
+
+
 @pytest.fixture(autouse=True)
-def no_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in CREDENTIAL_VARIABLES:
+def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    for name in CREDENTIAL_VARIABLES + HUGGINGFACE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    isolate_huggingface_home(monkeypatch, tmp_path_factory.getbasetemp() / "hf-home")
+
+
+def isolate_huggingface_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """Point HF_HOME and huggingface_hub's token paths at an empty folder, so no real token file is read."""
+    monkeypatch.setenv("HF_HOME", str(home))
+    if "huggingface_hub.constants" in sys.modules:
+        constants = sys.modules["huggingface_hub.constants"]
+        monkeypatch.setattr(constants, "HF_HOME", str(home))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
 
 
 @pytest.fixture(scope="session")
