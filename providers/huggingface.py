@@ -45,6 +45,7 @@ import threading
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import requests
@@ -113,12 +114,12 @@ RUN_PREFIX_PLACEHOLDER = "<IMGBENCH_RUN_PREFIX>"
 NAMESPACE_PLACEHOLDER = "<HF_NAMESPACE>"
 TOKEN_PLACEHOLDER = "<HF_TOKEN>"
 ENDPOINT_NAME_PLACEHOLDER = "<HF_ENDPOINT_NAME>"
-ENDPOINT_URL_PLACEHOLDER = "<HF_ENDPOINT_URL>"
+ENDPOINT_HOST_PLACEHOLDER = "<HF_ENDPOINT_HOST>"
 HUB_URL_PLACEHOLDER = "<HF_HUB_URL>"
 # Values a replay runs with; the placeholders in a cassette turn into these.
 REPLAY_NAMESPACE = "replay-user"
 REPLAY_TOKEN = "hf_replayToken"
-REPLAY_ENDPOINT_URL = "https://imgbench-replay.endpoints.huggingface.cloud"
+REPLAY_ENDPOINT_HOST = "https://imgbench-replay.endpoints.huggingface.cloud"
 
 # JSON fields that hold secrets or file contents in Hub, Jobs and Endpoints requests.
 HUGGINGFACE_SECRET_FIELDS = SECRET_FIELDS | {"secrets", "hf_token"}
@@ -322,7 +323,7 @@ class HuggingFaceProvider(Provider):
     def describe_model(self, model: HuggingFaceModel) -> dict:
         return {"model_repo": model.model_repo, "job_id": model.job_id, "job_stage": model.job_stage,
                 "status_reads": model.status_reads, "reused": model.reused,
-                "labels": model.labels.changed()}
+                "labels": model.labels.changed}
 
     def counters(self) -> dict[str, int]:
         counts = {f"retried_{kind}": count for kind, count in self._retries.as_dict().items()}
@@ -350,15 +351,30 @@ class HuggingFaceProvider(Provider):
             secret_fields=HUGGINGFACE_SECRET_FIELDS,
             digest_fields=HUGGINGFACE_DIGEST_FIELDS,
             sensitive_values={
+                ENDPOINT_HOST_PLACEHOLDER: self._endpoint_host,
                 RUN_PREFIX_PLACEHOLDER: self.run_prefix,
                 TOKEN_PLACEHOLDER: self._token,
                 HUB_URL_PLACEHOLDER: lambda *_: self.options.hub_url,
                 NAMESPACE_PLACEHOLDER: lambda *_: self._namespace,
-                ENDPOINT_NAME_PLACEHOLDER: lambda *_: self._endpoint_name,
-                ENDPOINT_URL_PLACEHOLDER: lambda *_: self._endpoint_url or (
-                    REPLAY_ENDPOINT_URL if self.run_mode == "replay" else None),
+                ENDPOINT_NAME_PLACEHOLDER: lambda *_: self._endpoint_name or self.endpoint_name_for(self.case_id),
             },
         )
+
+    def _endpoint_host(self, *_) -> str | None:
+        """Return the scheme and host of the endpoint URL where it differs from the hub's, for scrubbing.
+
+        Stored request URIs keep only their path, so a replay restores the
+        placeholder to a fixed host and the paths still match. An emulator
+        serves endpoints on its own host and port, which the hub URL placeholder covers.
+        """
+        if self.run_mode == "replay":
+            return REPLAY_ENDPOINT_HOST
+        if self._endpoint_url is None:
+            return None
+        parts = urlsplit(self._endpoint_url)
+        host = f"{parts.scheme}://{parts.netloc}"
+        hub = urlsplit(self.options.hub_url)
+        return None if host == f"{hub.scheme}://{hub.netloc}" else host
 
     # Names ----------------------------------------------------------------------
 
