@@ -47,7 +47,7 @@ from http import HTTPStatus
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
-import httpx
+import httpx2
 import requests
 import yaml
 from vcr.errors import CannotOverwriteExistingCassetteException
@@ -756,9 +756,9 @@ class HuggingFaceProvider(Provider):
                     raise TransientError(SERVER_ERROR, f"Hugging Face {operation} returned HTTP {status}: "
                                                        f"{_hub_message(exc)}") from exc
                 raise _mapped_error(operation, status, exc) from exc
-            except httpx.TimeoutException as exc:
+            except httpx2.TimeoutException as exc:
                 raise ProviderTimeoutError(f"Hugging Face {operation} timed out: {exc}") from exc
-            except httpx.TransportError as exc:
+            except httpx2.TransportError as exc:
                 raise TransientError(CONNECTION_RESET, f"Hugging Face {operation}: connection failed ({exc})") from exc
 
         return call_with_retries(attempt, operation=f"Hugging Face {operation}", policy=HUB_RETRY_POLICY,

@@ -30,9 +30,11 @@ from imgbench.errors import (
 from imgbench.images import sha256_bytes
 from imgbench.ledger import RunLedger
 from imgbench.recording import block_network
+from imgbench.results import iter_records
 from imgbench.retry import CONNECTION_RESET
 from providers import TrainingSet
 from providers.huggingface import HuggingFaceOptions, HuggingFaceProvider
+from tests.conftest import run_benchmark
 
 TOKEN = "hf_testTokenForTheEmulator4821"
 RUN_PREFIX = "imgbench-20261204T000000Z-abc123"
@@ -222,6 +224,19 @@ def test_connection_resets_give_up_after_attempts(emulator, clock, mini_datasets
     assert counters[f"retried_{CONNECTION_RESET}_gave_up"] == 1
 
 
+def test_hub_connection_resets_are_retried(emulator, clock, mini_datasets):
+    provider = make_provider(emulator, clock)
+    emulator.reset_connections(2, route="job_read")
+
+    model = provider.train(provider.upload(training_set(mini_datasets)))
+    counters = provider.counters()
+    provider.teardown()
+
+    assert model.job_stage == "COMPLETED"
+    assert emulator.counts["resets"] == 2
+    assert counters[f"retried_{CONNECTION_RESET}"] == 2
+
+
 def test_hub_server_errors_are_retried(emulator, clock, mini_datasets):
     provider = make_provider(emulator, clock)
     emulator.fail_route("commit", status=502, count=2)
@@ -359,3 +374,43 @@ def test_emulator_rejects_foreign_images(emulator):
 
     assert response.status_code == 400
     assert "AutoTrain" in json.loads(response.content)["error"]
+
+
+def run_against_emulator(emulator: HuggingFaceEmulator, mini_datasets: Path, cache_dir: Path, results: Path):
+    completed = run_benchmark(["--providers", "huggingface", "--huggingface-url", emulator.url, "--datasets-dir",
+                               str(mini_datasets), "--datasets", "beans", "--ablations", "5",
+                               "--load-requests", "20", "--results", str(results)], cache_dir)
+    records = {record["case_id"]: record for record in iter_records(json.loads(results.read_text()))}
+    return completed, records["huggingface-beans-5"]
+
+
+@pytest.mark.slow
+def test_emulator_run_passes_and_cleans_up(mini_datasets, shared_cache_dir, tmp_path):
+    with HuggingFaceEmulator(training_reads=2, startup_reads=2, startup_503=1) as emulator:
+        completed, record = run_against_emulator(emulator, mini_datasets, shared_cache_dir, tmp_path / "r.json")
+        resources = emulator.resources()
+
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    assert record["status"] == "passed"
+    assert record["provider_counters"]["endpoint_startup_503"] == 1
+    assert record["provider_settings"]["replicas"] == 1
+    assert record["load_test"]["succeeded"] == 20
+    assert resources == {"models": [], "datasets": [], "endpoints": [], "running_jobs": []}
+
+
+@pytest.mark.slow
+def test_failed_build_case_cleans_up(mini_datasets, shared_cache_dir, tmp_path):
+    with HuggingFaceEmulator(training_reads=2, startup_reads=2) as emulator:
+        emulator.fail_build()
+        completed, record = run_against_emulator(emulator, mini_datasets, shared_cache_dir, tmp_path / "r.json")
+        resources = emulator.resources()
+    ledgers = list((tmp_path / "ledgers").glob("*.json"))
+    entries = json.loads(ledgers[0].read_text())["resources"]
+
+    assert completed.returncode == 1
+    assert record["status"] == "failed"
+    assert record["error"]["kind"] == "service_failure"
+    assert "failed to start" in record["error"]["message"]
+    assert resources == {"models": [], "datasets": [], "endpoints": [], "running_jobs": []}
+    assert sorted(entry["kind"] for entry in entries) == ["dataset", "endpoint", "job", "model"]
+    assert {entry["state"] for entry in entries} == {"deleted"}

@@ -28,8 +28,8 @@ so its predictions come from the uploaded training images.
 
 Jobs finish and endpoints start after a set number of status reads, and a
 running endpoint answers 503 to its first requests while its replica starts.
-Fault injection: HTTP errors on a named route, connection resets on the
-serving route, failed training and failed endpoint builds.
+Fault injection: HTTP errors or connection resets on a named route, failed
+training and failed endpoint builds.
 
 Use it as a context manager in tests, or run
 ``python -m imgbench.emulators.huggingface --port 8766`` to record cassettes.
@@ -133,7 +133,8 @@ class EmulatedEndpoint:
 class Faults:
     # route name -> list of HTTP statuses to answer, one per request, before behaving normally
     route_errors: dict[str, list[int]] = field(default_factory=dict)
-    resets_next: int = 0  # serving requests answered by a connection reset
+    # route name -> number of requests answered by a connection reset
+    resets: dict[str, int] = field(default_factory=dict)
     fail_training: bool = False
     fail_build: bool = False
 
@@ -214,10 +215,12 @@ class HuggingFaceEmulator:
         with self._lock:
             self.faults.route_errors.setdefault(route, []).extend([int(status)] * count)
 
-    def reset_connections(self, count: int) -> None:
-        """Close the next ``count`` serving connections with a TCP reset instead of a response."""
+    def reset_connections(self, count: int, route: str = "serve") -> None:
+        """Close the next ``count`` connections on ``route`` with a TCP reset instead of a response."""
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
         with self._lock:
-            self.faults.resets_next = count
+            self.faults.resets[route] = count
 
     def fail_training(self) -> None:
         with self._lock:
@@ -305,8 +308,8 @@ class HuggingFaceEmulator:
             status = queued.pop(0)
             self.counts[f"injected_{status}"] += 1
             raise ApiError(status, f"injected HTTP {status} on {route}")
-        if route == "serve" and self.faults.resets_next > 0:
-            self.faults.resets_next -= 1
+        if self.faults.resets.get(route, 0) > 0:
+            self.faults.resets[route] -= 1
             self.counts["resets"] += 1
             raise _ConnectionReset()
 
