@@ -15,7 +15,7 @@ One case creates, all named with the run prefix ``imgbench-<run id>``:
   case id, and the endpoint is tied to its run through its model repository.
 
 ``deploy`` waits until the endpoint reports ``running`` and then until it
-answers a probe image: HTTP 503 while the replica starts is waited out,
+returns a prediction for a probe image: HTTP 503 while the replica starts is waited out,
 counted and recorded as start-up time, never as a prediction. ``invoke``
 sends the raw image bytes; the top label is the prediction. ``teardown``
 deletes the endpoint, cancels an unfinished job and deletes both
@@ -53,14 +53,15 @@ import yaml
 from vcr.errors import CannotOverwriteExistingCassetteException
 
 # Xet uploads go through a native client that bypasses Python's HTTP
-# libraries, so cassettes could not record them; the variable must be set
-# before huggingface_hub reads its constants, and the constant is set too in
-# case huggingface_hub was imported first.
+# libraries, so cassettes could not record them. huggingface_hub reads the
+# variable when it is first imported, so the constant is set as well below.
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
 from huggingface_hub import CommitOperationAdd, HfApi  # noqa: E402
 from huggingface_hub import constants as hub_constants  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
+
+hub_constants.HF_HUB_DISABLE_XET = True
 
 from imgbench.clock import Clock, RealClock, ReplayClock  # noqa: E402
 from imgbench.emulators.huggingface import DEFAULT_TOKEN  # noqa: E402
@@ -99,8 +100,8 @@ NAMESPACE_ENV = "IMGBENCH_HF_NAMESPACE"
 RUN_MODES = ("replay", "emulator", "live")
 RUN_PREFIX_ROOT = "imgbench-"
 
-# AutoTrain's published container. NOTE: the tag and the `autotrain --config`
-# entry point follow AutoTrain's documentation; no live job was run with them here.
+# AutoTrain's published container and its command-line entry point.
+# NOTE: the image tag follows AutoTrain's documentation; no live job has run it.
 AUTOTRAIN_IMAGE = "huggingface/autotrain-advanced:latest"
 AUTOTRAIN_COMMAND = ["bash", "-c", 'printf "%s" "$AUTOTRAIN_CONFIG" > /tmp/imgbench-autotrain.yml '
                                    "&& autotrain --config /tmp/imgbench-autotrain.yml"]
@@ -116,7 +117,7 @@ TOKEN_PLACEHOLDER = "<HF_TOKEN>"
 ENDPOINT_NAME_PLACEHOLDER = "<HF_ENDPOINT_NAME>"
 ENDPOINT_HOST_PLACEHOLDER = "<HF_ENDPOINT_HOST>"
 HUB_URL_PLACEHOLDER = "<HF_HUB_URL>"
-# Values a replay runs with; the placeholders in a cassette turn into these.
+# Values a replay runs with. A replay restores the cassette's placeholders to these.
 REPLAY_NAMESPACE = "replay-user"
 REPLAY_TOKEN = "hf_replayToken"
 REPLAY_ENDPOINT_HOST = "https://imgbench-replay.endpoints.huggingface.cloud"
@@ -570,7 +571,8 @@ class HuggingFaceProvider(Provider):
             "params": {"epochs": options.epochs, "batch_size": options.batch_size, "lr": options.learning_rate,
                        "optimizer": "adamw_torch", "scheduler": "linear", "gradient_accumulation": 1,
                        "mixed_precision": "fp16"},
-            # AutoTrain expands ${HF_TOKEN} from the job's secret environment.
+            # AutoTrain's config parser reads a "${NAME}" token value from the environment,
+            # here the job's HF_TOKEN secret (autotrain-advanced src/autotrain/parser.py).
             "hub": {"username": model_repo.split("/", 1)[0], "token": "${HF_TOKEN}", "push_to_hub": True},
         }
         return yaml.safe_dump(config, sort_keys=True)

@@ -2,10 +2,11 @@
 
 The in-process tests record a case against the emulator into a temporary
 cassette, read the file and check that no token, namespace, run prefix or
-emulator address reached disk, then replay it with the network blocked. The
-module-scoped replay of the committed cassettes (recorded against the
-emulator on the full beans dataset) runs ``pytest bench_tests`` in a fresh
-process and needs ``IMGBENCH_DATASETS_DIR``; it is skipped where that is unset.
+emulator address reached disk, then replay it with the network blocked.
+
+The committed cassettes were recorded against the emulator on the full beans
+dataset. Their replay runs ``pytest bench_tests`` in a fresh process, so it
+needs ``IMGBENCH_DATASETS_DIR`` and is skipped where that is unset.
 """
 
 from __future__ import annotations

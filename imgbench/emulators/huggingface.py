@@ -5,8 +5,8 @@ and parses:
 
 * Hub: ``GET /api/whoami-v2``; ``POST /api/repos/create``;
   ``DELETE /api/repos/delete``; ``POST /api/{models|datasets}/{repo}/preupload/{rev}``
-  (every file is answered with the ``regular`` upload mode, so files travel
-  inside the commit); ``POST /api/{models|datasets}/{repo}/commit/{rev}``
+  (every file gets the ``regular`` upload mode, so files travel inside the
+  commit); ``POST /api/{models|datasets}/{repo}/commit/{rev}``
   (NDJSON with base64 file contents); ``GET /api/models/{repo}``;
   ``GET /api/{models|datasets}?author=&search=``.
 * Jobs: ``POST /api/jobs/{namespace}``, ``GET /api/jobs/{namespace}[/{id}]``,
@@ -131,9 +131,9 @@ class EmulatedEndpoint:
 
 @dataclass
 class Faults:
-    # route name -> list of HTTP statuses to answer, one per request, before behaving normally
+    # route name -> HTTP statuses to respond with, one per request, before behaving normally
     route_errors: dict[str, list[int]] = field(default_factory=dict)
-    # route name -> number of requests answered by a connection reset
+    # route name -> number of requests closed with a connection reset
     resets: dict[str, int] = field(default_factory=dict)
     fail_training: bool = False
     fail_build: bool = False
@@ -601,12 +601,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             status, payload = HTTPStatus.OK, self.emulator.handle(self.command, self.path, self.headers, body)
         except _ConnectionReset:
+            logger.info("Hugging Face emulator: %s %s closed with a connection reset", self.command, self.path)
             # SO_LINGER with a zero timeout makes close() send RST instead of FIN.
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             self.connection.close()
             return
         except ApiError as exc:
+            logger.info("Hugging Face emulator: %s %s -> HTTP %d: %s", self.command, self.path, exc.status,
+                        exc.message)
             status, payload, error_code = exc.status, {"error": exc.message}, exc.error_code
         except Exception:  # a bug in the emulator: respond with 500 so the client sees it, and log it
             logger.exception("Hugging Face emulator failed on %s %s", self.command, self.path)
