@@ -21,8 +21,8 @@ sends the raw image bytes; the top label is the prediction. ``teardown``
 deletes the endpoint, cancels an unfinished job and deletes both
 repositories, also after a failure at any step.
 
-The token comes from ``HF_TOKEN`` (or the Hub's token file, which
-huggingface_hub reads in a live run). It is sent only to the Hub, the
+The token comes from ``HF_TOKEN``, else from the Hub's token file (live
+runs only). It is sent only to the Hub, the
 Inference Endpoints API and the endpoint URL, all run by Hugging Face, and
 the job receives it as a secret so AutoTrain can read the dataset and push
 the model.
@@ -57,7 +57,7 @@ from vcr.errors import CannotOverwriteExistingCassetteException
 # variable when it is first imported, so the constant is set as well below.
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 
-from huggingface_hub import CommitOperationAdd, HfApi  # noqa: E402
+from huggingface_hub import CommitOperationAdd, HfApi, get_token  # noqa: E402
 from huggingface_hub import constants as hub_constants  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
 
@@ -243,7 +243,6 @@ class HuggingFaceProvider(Provider):
         self.run_mode = run_mode
         self.run_prefix = run_prefix
         self.clock = clock or (ReplayClock() if run_mode == "replay" else RealClock())
-        # huggingface_hub falls back to the token file when token is None.
         self._token = token
         self._api = HfApi(endpoint=self.options.hub_url, token=token, library_name="imgbench")
         self._namespace = self.options.namespace
@@ -284,7 +283,10 @@ class HuggingFaceProvider(Provider):
                     raise ConfigError(f"invalid huggingface.{key} value {raw!r}; expected {convert.__name__}") from exc
         values["namespace"] = option("namespace", env=NAMESPACE_ENV)
         token = os.environ.get(TOKEN_ENV) or None
-        if run_mode == "emulator":
+        if run_mode == "live":
+            # HF_TOKEN first, then the token file that `hf auth login` writes.
+            token = token or get_token()
+        elif run_mode == "emulator":
             base = bench_config.service_urls[cls.name].rstrip("/")
             values.update(hub_url=base, endpoints_api_url=f"{base}/v2", poll_interval_s=EMULATOR_POLL_INTERVAL_S)
             token = token or DEFAULT_TOKEN
@@ -334,14 +336,8 @@ class HuggingFaceProvider(Provider):
         return counts
 
     def credentials_needed(self) -> bool:
-        return self.run_mode == "live"
-
-    def check_ready(self) -> None:
-        super().check_ready()
-        if self.run_mode == "live" and not self._token:
-            # NOTE: a live run reads only HF_TOKEN here, so the token file is never touched by checks.
-            raise AuthenticationError(f"the Hugging Face provider needs {TOKEN_ENV}; set it to a token with "
-                                      "write access to repositories, Jobs and Inference Endpoints")
+        """Return True for a live run that found no token in ``HF_TOKEN`` or the Hub's token file."""
+        return self.run_mode == "live" and not self._token
 
     def recording_rules(self) -> RecordingRules:
         # vcrpy calls a callable value with (request, response) when it hides or restores it,

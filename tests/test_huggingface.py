@@ -23,6 +23,7 @@ from imgbench.emulators.huggingface import DEFAULT_USER, HuggingFaceEmulator
 from imgbench.errors import (
     AuthenticationError,
     ConfigError,
+    MissingCredentialsError,
     ProviderError,
     ProviderTimeoutError,
     ServiceFailureError,
@@ -429,3 +430,32 @@ def test_failed_build_case_cleans_up(mini_datasets, shared_cache_dir, tmp_path):
     assert resources == {"models": [], "datasets": [], "endpoints": [], "running_jobs": []}
     assert sorted(entry["kind"] for entry in entries) == ["dataset", "endpoint", "job", "model"]
     assert {entry["state"] for entry in entries} == {"deleted"}
+
+
+def live_config():
+    from imgbench.config import BenchConfig
+
+    return BenchConfig(providers=("huggingface",), provider_modes={"huggingface": "live"}, run_id="test-run")
+
+
+def test_live_without_token_is_missing_credentials():
+    provider = HuggingFaceProvider.from_config(live_config())
+
+    with pytest.raises(MissingCredentialsError, match="HF_TOKEN"):
+        provider.check_ready()
+
+
+def test_live_reads_isolated_token_file():
+    from huggingface_hub import constants
+
+    token_path = Path(constants.HF_TOKEN_PATH)
+    token_path.parent.mkdir(parents=True, exist_ok=True)
+    token_path.write_text("hf_tokenFileForTheTest\n")
+    try:
+        provider = HuggingFaceProvider.from_config(live_config())
+        provider.check_ready()
+    finally:
+        token_path.unlink()
+
+    assert "hf-home" in str(token_path)
+    assert provider.credentials_needed() is False
