@@ -19,7 +19,7 @@ import yaml
 from imgbench.ablation import PlannedImage
 from imgbench.clock import ReplayClock
 from imgbench.datasets import ImageRecord
-from imgbench.emulators.huggingface import DEFAULT_USER, HuggingFaceEmulator
+from imgbench.emulators.huggingface import DEFAULT_USER, ApiError, HuggingFaceEmulator
 from imgbench.errors import (
     AuthenticationError,
     ConfigError,
@@ -459,3 +459,23 @@ def test_live_reads_isolated_token_file():
 
     assert "hf-home" in str(token_path)
     assert provider.credentials_needed() is False
+
+
+def test_endpoint_creation_retry_accepts_conflict(emulator, clock, mini_datasets):
+    provider = make_provider(emulator, clock)
+    model = provider.train(provider.upload(training_set(mini_datasets)))
+    original = emulator._create_endpoint
+
+    def create_then_fail(namespace, **kwargs):
+        original(namespace, **kwargs)
+        emulator._create_endpoint = original
+        raise ApiError(502, "the response was lost after the endpoint was created")
+
+    emulator._create_endpoint = create_then_fail
+    endpoint = provider.deploy(model)
+    counters = provider.counters()
+    provider.teardown()
+
+    assert endpoint.url.endswith(endpoint.name)
+    assert counters["retried_server_error"] == 1
+    assert emulator.resources()["endpoints"] == []
