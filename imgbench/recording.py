@@ -90,8 +90,8 @@ MULTIPART_CHECKSUM_FIELDS = frozenset({"crc32c", "md5Hash"})
 MULTIPART_CHECKSUM = "checksum-of-the-next-part"
 
 META_FORMAT_VERSION = 1
-VERSIONED_PACKAGES = ("vcrpy", "requests", "urllib3", "pillow", "google-cloud-aiplatform", "google-cloud-storage",
-                      "google-api-core")
+VERSIONED_PACKAGES = ("vcrpy", "requests", "urllib3", "pillow", "httpx", "huggingface_hub", "boto3", "botocore",
+                      "google-cloud-aiplatform", "google-cloud-storage", "google-api-core")
 
 
 class CassetteMissError(ImgbenchError):
@@ -121,13 +121,18 @@ class RecordingRules:
     base_url: str
     match_on: tuple[str, ...] = ("method", "path", "query", "body_digest")
     secret_fields: frozenset[str] = SECRET_FIELDS
-    sensitive_values: Mapping[str, str | None] = field(default_factory=dict)
+    # A value may also be a callable of (request, response) that vcrpy calls
+    # when it hides or restores the value, for values learnt during the case.
+    sensitive_values: Mapping[str, str | None | Callable] = field(default_factory=dict)
     # Request headers stored and matched besides Content-Type, such as
     # X-Amz-Target, which names the operation of an AWS JSON request.
     kept_request_headers: frozenset[str] = KEPT_REQUEST_HEADERS
     # JSON fields whose string values are base64 data (such as an image's
     # bytes) and are stored as ``sha256:<hex>`` of the decoded bytes.
     base64_fields: frozenset[str] = frozenset()
+    # JSON fields whose string values (such as base64 file contents of a Hub
+    # commit) are stored as ``sha256:<hex>`` of the string itself.
+    digest_fields: frozenset[str] = frozenset()
     # (regular expression, replacement) pairs applied to stored URIs and
     # bodies, for values of a known shape such as service-account emails.
     text_patterns: tuple[tuple[str, str], ...] = ()
@@ -177,8 +182,9 @@ def _digest_base64(value):
         return value
 
 
-def scrub_json(value, secret_fields: frozenset[str], base64_fields: frozenset[str] = frozenset()):
-    """Return a copy of a JSON value with secret fields redacted, and data URIs and ``base64_fields`` digested."""
+def scrub_json(value, secret_fields: frozenset[str], base64_fields: frozenset[str] = frozenset(),
+               digest_fields: frozenset[str] = frozenset()):
+    """Return a copy of a JSON value with secret fields redacted and data URIs and named fields digested."""
     if isinstance(value, dict):
         scrubbed = {}
         for key, item in value.items():
@@ -186,14 +192,28 @@ def scrub_json(value, secret_fields: frozenset[str], base64_fields: frozenset[st
                 scrubbed[key] = REDACTED
             elif key in base64_fields:
                 scrubbed[key] = _digest_base64(item)
+            elif key in digest_fields and isinstance(item, str) and not item.startswith(DIGEST_PREFIX):
+                scrubbed[key] = digest_text(item.encode("utf-8"))
             else:
-                scrubbed[key] = scrub_json(item, secret_fields, base64_fields)
+                scrubbed[key] = scrub_json(item, secret_fields, base64_fields, digest_fields)
         return scrubbed
     if isinstance(value, list):
-        return [scrub_json(item, secret_fields, base64_fields) for item in value]
+        return [scrub_json(item, secret_fields, base64_fields, digest_fields) for item in value]
     if isinstance(value, str):
         return _digest_data_uri(value)
     return value
+
+
+def _scrub_ndjson(text: str, secret_fields: frozenset[str], base64_fields: frozenset[str],
+                  digest_fields: frozenset[str]) -> bytes:
+    """Scrub each line of a newline-delimited JSON body (the Hub's commit API sends one)."""
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(_canonical_json(scrub_json(json.loads(line), secret_fields, base64_fields, digest_fields)))
+        except ValueError:
+            lines.append(line.encode("utf-8"))
+    return b"\n".join(lines) + b"\n"
 
 
 def _canonical_json(value) -> bytes:
@@ -216,7 +236,7 @@ def _header(headers: Mapping, name: str) -> str:
 
 
 def _scrub_multipart(data: bytes, content_type: str, secret_fields: frozenset[str],
-                     base64_fields: frozenset[str]) -> bytes | None:
+                     base64_fields: frozenset[str], digest_fields: frozenset[str]) -> bytes | None:
     """Return a ``multipart/related`` body as canonical JSON of its scrubbed parts, or None when it has none.
 
     The boundary is random per request (google-cloud-storage uploads), so it
@@ -239,7 +259,7 @@ def _scrub_multipart(data: bytes, content_type: str, secret_fields: frozenset[st
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-type":
                 part_type = value.strip()
-        scrubbed = scrub_body(part.removesuffix(b"\r\n"), part_type, secret_fields, base64_fields)
+        scrubbed = scrub_body(part.removesuffix(b"\r\n"), part_type, secret_fields, base64_fields, digest_fields)
         if part_type.split(";")[0].strip().lower().endswith("json"):
             try:
                 fields = json.loads(scrubbed)
@@ -260,7 +280,7 @@ def _scrub_multipart(data: bytes, content_type: str, secret_fields: frozenset[st
 
 
 def scrub_body(body: bytes | str | None, content_type: str, secret_fields: frozenset[str],
-               base64_fields: frozenset[str] = frozenset()) -> bytes | None:
+               base64_fields: frozenset[str] = frozenset(), digest_fields: frozenset[str] = frozenset()) -> bytes | None:
     """Return a body as stored in a cassette: images digested, secrets redacted, JSON canonical."""
     if body is None or body == b"" or body == "":
         return body if body is None else b""
@@ -271,7 +291,7 @@ def scrub_body(body: bytes | str | None, content_type: str, secret_fields: froze
     if media_type.startswith("image/") or media_type == "application/octet-stream":
         return digest_text(data).encode()
     if media_type == "multipart/related":
-        multipart = _scrub_multipart(data, content_type, secret_fields, base64_fields)
+        multipart = _scrub_multipart(data, content_type, secret_fields, base64_fields, digest_fields)
         if multipart is not None:
             return multipart
     try:
@@ -280,9 +300,11 @@ def scrub_body(body: bytes | str | None, content_type: str, secret_fields: froze
         return digest_text(data).encode()
     if media_type == "application/x-www-form-urlencoded":
         return _scrub_form(data, secret_fields)
+    if media_type in ("application/x-ndjson", "application/jsonl"):
+        return _scrub_ndjson(text, secret_fields, base64_fields, digest_fields)
     if media_type.endswith("json") or text[:1] in ("{", "["):
         try:
-            return _canonical_json(scrub_json(json.loads(text), secret_fields, base64_fields))
+            return _canonical_json(scrub_json(json.loads(text), secret_fields, base64_fields, digest_fields))
         except ValueError:
             return data
     return data
@@ -322,7 +344,7 @@ def request_scrubber(rules: RecordingRules) -> Callable:
         request.uri = _apply_patterns(_scrub_uri(request.uri, rules.base_url, rules.secret_fields),
                                       rules.text_patterns)
         request.body = _apply_patterns(scrub_body(_request_body(request), content_type, rules.secret_fields,
-                                                  rules.base64_fields), rules.text_patterns)
+                                                  rules.base64_fields, rules.digest_fields), rules.text_patterns)
         request.headers = {key: value.decode("latin-1") if isinstance(value, bytes) else value
                            for key, value in request.headers.items() if key.lower() in rules.kept_request_headers}
         if not isinstance(request.body, (bytes, str, type(None))):
@@ -344,7 +366,8 @@ def response_scrubber(rules: RecordingRules) -> Callable:
         content_type = _header(headers, "content-type")
         if content_type.split(";")[0].strip().lower().endswith("json") and body:
             try:
-                body = _canonical_json(scrub_json(json.loads(body), rules.secret_fields, rules.base64_fields))
+                body = _canonical_json(scrub_json(json.loads(body), rules.secret_fields, rules.base64_fields,
+                                                  rules.digest_fields))
             except ValueError:
                 pass
         response["headers"] = headers

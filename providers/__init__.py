@@ -13,6 +13,7 @@ from providers.base import Prediction, Provider, TrainingSet
 
 # name -> "module:Class"
 PROVIDERS: dict[str, str] = {
+    "huggingface": "providers.huggingface:HuggingFaceProvider",
     "local": "providers.local:LocalProvider",
     "nyckel": "providers.nyckel:NyckelProvider",
     "aws": "providers.aws:RekognitionProvider",

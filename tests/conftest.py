@@ -36,9 +36,13 @@ GOOGLE_VARIABLES = (
 )
 
 
+# Hugging Face Hub settings that would point huggingface_hub at another service or token file.
+HUGGINGFACE_VARIABLES = ("HF_ENDPOINT", "HF_TOKEN_PATH", "HF_INFERENCE_ENDPOINT")
+
+
 @pytest.fixture(autouse=True)
 def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for name in CREDENTIAL_VARIABLES + AWS_CONFIG_VARIABLES:
+    for name in CREDENTIAL_VARIABLES + AWS_CONFIG_VARIABLES + HUGGINGFACE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     # boto3 reads these files even with explicit credentials; point it at empty ones.
     aws_dir = tmp_path_factory.getbasetemp() / "aws-config"
@@ -48,6 +52,17 @@ def no_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Tem
         path.touch()
         monkeypatch.setenv(variable, str(path))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    isolate_huggingface_home(monkeypatch, tmp_path_factory.getbasetemp() / "hf-home")
+
+
+def isolate_huggingface_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+    """Point HF_HOME and huggingface_hub's token paths at an empty folder, so no real token file is read."""
+    monkeypatch.setenv("HF_HOME", str(home))
+    if "huggingface_hub.constants" in sys.modules:
+        constants = sys.modules["huggingface_hub.constants"]
+        monkeypatch.setattr(constants, "HF_HOME", str(home))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
 
 
 @pytest.fixture(scope="session")
