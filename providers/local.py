@@ -57,9 +57,9 @@ MODES = {mode.name: mode for mode in (
               "at training and at prediction: twice the backbone passes"),
 )}
 # "auto" picks ridge-flip for training sets of at most AUTO_FLIP_MAX_IMAGES
-# images and ridge above: the mirror image doubles the embedding time, which
-# for 400 images is an estimated 23 s at the 35 images/s that EfficientNet-Lite0
-# reached on the 2-core machine of BENCHMARKS.md.
+# images and ridge for larger ones, because the mirror image doubles the
+# embedding time. For 400 images that is an estimated 23 s at the 35 images/s
+# that EfficientNet-Lite0 reached on the 2-core machine of BENCHMARKS.md.
 AUTO_MODE = "auto"
 AUTO_FLIP_MAX_IMAGES = 400
 MODE_NAMES = (AUTO_MODE, *MODES)
@@ -97,7 +97,7 @@ class LocalOptions:
         self.training_mode(0).specs()
 
     def training_mode(self, images: int) -> LocalMode:
-        """The mode for a training set of ``images`` images, with ``image_size`` and ``regularization_c`` applied."""
+        """Return the mode for a training set of ``images`` images, with ``image_size`` and ``regularization_c`` applied."""
         name = self.mode
         if name == AUTO_MODE:
             name = "ridge-flip" if images <= AUTO_FLIP_MAX_IMAGES else "ridge"
