@@ -72,7 +72,7 @@ _IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 # Input sizes above the ImageNet 224: a linear probe on beans gained about
 # 0.05 accuracy at every ablation from 256 over 224 with EfficientNet-Lite0
-# (figures in BENCHMARKS.md), and both offline dataset copies are 224 or 256
+# (figures in BENCHMARKS.md). Both offline dataset copies are 224 or 256
 # pixels wide, so larger inputs upsample them.
 BACKBONES = {
     "efficientnet-lite0": BackboneSpec("efficientnet-lite0", 256, "efficientnet-lite",
@@ -126,7 +126,7 @@ def _build_efficientnet_lite(spec: BackboneSpec, weights_file: str):
 
 
 def _build_mobilenet_v2(weights_file: str):
-    """Build torchvision's MobileNetV2 layout and load its ImageNet checkpoint (top-1 71.9%)."""
+    """Build torchvision's MobileNetV2 layout and load its ImageNet checkpoint."""
     import torch
     from torch import nn
 
@@ -147,7 +147,8 @@ def _build_mobilenet_v2(weights_file: str):
         def forward(self, x):
             return x + self.conv(x) if self.residual else self.conv(x)
 
-    # (expansion, output channels, repeats, first stride), from the MobileNetV2 paper's table 2.
+    # (expansion, output channels, repeats, first stride) per stage. load_state_dict
+    # rejects the checkpoint if any layer's shape differs from these.
     settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1)]
     layers: list[nn.Module] = [conv_bn(3, 32, 3, 2)]

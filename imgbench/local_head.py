@@ -24,8 +24,8 @@ from imgbench.errors import ConfigError
 NORMALISATIONS = ("none", "standardise", "l2")
 # "logistic": multinomial logistic regression (lbfgs). "ridge": one-vs-rest
 # least squares with an L2 penalty of 1 / C, solved in closed form, so it
-# fits in a fraction of the logistic regression's time; its class scores
-# become probabilities by a softmax.
+# fits in a fraction of the logistic regression's time. A softmax turns its
+# class scores into probabilities.
 CLASSIFIERS = ("logistic", "ridge")
 # "none": the image's own embedding. "tta": the average of the image's and its
 # mirror image's embeddings, at training and at prediction. "augment": both
@@ -36,12 +36,12 @@ FLIP_USES = ("none", "tta", "augment")
 
 @dataclass(frozen=True)
 class HeadRecipe:
-    """How the linear classifier is trained on embeddings."""
+    """Training settings of the linear classifier on embeddings."""
 
     normalisation: str = "standardise"
     flip: str = "none"
     classifier: str = "logistic"
-    # Candidate inverse L2 regularisation strengths of the logistic regression.
+    # Candidate inverse L2 regularisation strengths of the classifier.
     # One value is used as it is; several are compared by cross-validation.
     c_values: tuple[float, ...] = (0.1,)
     folds: int = 5
@@ -66,7 +66,7 @@ class HeadRecipe:
 
 @dataclass
 class LinearHead:
-    """A fitted recipe: the normalisation statistics and the logistic regression."""
+    """A fitted recipe: the normalisation statistics and the fitted classifier."""
 
     recipe: HeadRecipe
     seed: int = 0
@@ -139,39 +139,46 @@ class LinearHead:
         return features
 
     def _leave_one_out(self) -> bool:
-        """Whether C is chosen by leave-one-out, which ridge regression computes in closed form.
+        """Tell whether C is chosen by leave-one-out, which ridge regression computes in closed form.
 
         Not with "augment": an image's mirror image would stay in the training rows.
         """
         return self.recipe.classifier == "ridge" and self.recipe.flip != "augment"
 
     def _fit_ridge_leave_one_out(self, views: Sequence[np.ndarray], labels: np.ndarray) -> None:
-        """Fit ridge regression for every C at once and keep the C of best leave-one-out accuracy.
+        """Score every C by leave-one-out accuracy, then fit ridge regression with the best one.
 
         scikit-learn's efficient leave-one-out (``RidgeClassifierCV`` with
-        ``cv=None``) decomposes the features once for all candidate Cs. The
-        candidates are passed from the smallest C up, and the first of equal
-        scores wins, so ties go to the stronger regularisation.
+        ``cv=None``) decomposes the features once for all candidate Cs and
+        stores each image's left-out decision values. The accuracy is computed
+        here from those values, because scikit-learn 1.9 scores a
+        two-class problem's single decision column as if every image were of
+        the first class, so its own choice of C is arbitrary there. Ties go to
+        the smaller C, the stronger regularisation.
         """
-        from sklearn.linear_model import RidgeClassifierCV
+        from sklearn.linear_model import RidgeClassifier, RidgeClassifierCV
 
         features, targets = self._rows(views, labels)
         self._set_normalisation(features)
+        features = self._transform(features)
         c_values = sorted(self.recipe.c_values)
-        alphas = [1.0 / c for c in c_values]
-        model = RidgeClassifierCV(alphas=alphas, scoring="accuracy", store_cv_results=True)
+        search = RidgeClassifierCV(alphas=[1.0 / c for c in c_values], scoring="accuracy", store_cv_results=True)
         with _one_blas_thread():
-            model.fit(self._transform(features), targets)
+            search.fit(features, targets)
         # Leave-one-out decision values: (images, classes or 1 for two classes, Cs).
-        decisions = model.cv_results_
+        decisions = search.cv_results_
         if decisions.ndim == 2:
             decisions = decisions[:, None, :]
         if decisions.shape[1] == 1:
-            predicted = model.classes_[(decisions[:, 0, :] > 0).astype(int)]
+            predicted = search.classes_[(decisions[:, 0, :] > 0).astype(int)]
         else:
-            predicted = model.classes_[np.argmax(decisions, axis=1)]
+            predicted = search.classes_[np.argmax(decisions, axis=1)]
         self.cv_accuracy = {c: float(np.mean(predicted[:, index] == targets)) for index, c in enumerate(c_values)}
-        self.chosen_c = c_values[alphas.index(model.alpha_)]
+        best = max(self.cv_accuracy.values())
+        self.chosen_c = min(c for c, score in self.cv_accuracy.items() if score == best)
+        model = RidgeClassifier(alpha=1.0 / self.chosen_c, solver="cholesky")
+        with _one_blas_thread():
+            model.fit(features, targets)
         self._model = model
         self.classes_ = model.classes_
 

@@ -1,10 +1,11 @@
 """Compare ways of training the local provider, on the suite's own ablation samples.
 
 Run ``python -m imgbench.local_study --datasets-dir DIR``. For every candidate
-(backbones, pooling, flip use, normalisation) and every ablation it prints the
-cross-validated accuracy on the ablation's training images, which chooses the
-regularisation strength and ranks the candidates, and the test accuracy of
-the model trained with that choice. The test split chooses nothing.
+(backbones, pooling, flip use, normalisation) and every ablation it prints
+two figures. The cross-validated accuracy on the ablation's training images
+chooses the regularisation strength and ranks the candidates. The test
+accuracy is that of the model trained with that choice, and the test split
+chooses nothing.
 
 Embeddings are computed once per image, backbone, input size and view, and
 kept in the embedding cache (``--cache-dir``), so a second run only fits
@@ -69,7 +70,7 @@ class Candidate:
 
 
 def candidates(stage: str) -> list[Candidate]:
-    """The candidates of one stage: "baseline", "pooling", "backbones" or "flip"."""
+    """Return the candidates of one stage: "baseline", "pooling", "backbones" or "flip"."""
     if stage == "baseline":
         return [Candidate("lite0-256", "mean", HeadRecipe("none", "none", "logistic", (0.1,))),
                 Candidate("lite0-256", "mean", HeadRecipe("standardise", "none", "logistic", C_GRID)),
@@ -117,7 +118,7 @@ class FeatureStore:
         return self._matrices[key]
 
     def features(self, candidate: Candidate, records) -> list[np.ndarray]:
-        """One matrix per view the candidate's recipe needs, rows in ``records`` order."""
+        """Return one matrix per view the candidate's recipe needs, rows in ``records`` order."""
         rows = [self.row[record.sha256] for record in records]
         per_view = []
         for view in range(candidate.recipe.views):

@@ -143,3 +143,18 @@ def test_recipe_rejects_unknown_values():
         HeadRecipe(classifier="forest")
     with pytest.raises(ConfigError, match="invalid c_values"):
         HeadRecipe(c_values=())
+
+
+def test_ridge_two_classes_scored_by_accuracy():
+    """With two classes, leave-one-out must rank C by the images' own accuracy.
+
+    A vanishing C leaves only the intercept, whose left-out prediction always
+    favours the other class of a balanced set, so it must not be chosen.
+    """
+    generator = np.random.default_rng(1)
+    labels = np.array(["a"] * 15 + ["b"] * 15)
+    features = np.where(labels[:, None] == "a", 0.0, 2.0) + generator.normal(size=(30, 6))
+    head = LinearHead(HeadRecipe("none", "none", "ridge", (1e-9, 1.0))).fit([features], labels)
+    assert head.cv_accuracy[1e-9] < 0.5
+    assert head.cv_accuracy[1.0] > 0.8
+    assert head.chosen_c == 1.0
