@@ -319,7 +319,7 @@ C_ENV = "IMGBENCH_LOCAL_C"
 IMAGE_SIZE_ENV = "IMGBENCH_LOCAL_IMAGE_SIZE"
 
 
-def _parse_number(name: str, value: str | None, kind: type, valid: str, low: float, high: float):
+def _parse_number(name: str, option: str, value: str | None, kind: type, valid: str, low: float, high: float):
     if not value:
         return None
     try:
@@ -327,7 +327,8 @@ def _parse_number(name: str, value: str | None, kind: type, valid: str, low: flo
     except ValueError:
         number = None
     if number is None or not math.isfinite(number) or not low <= number <= high:
-        raise ConfigError(f"invalid {name} {value!r}; use {valid}, or unset it for the default")
+        raise ConfigError(f"invalid {name} {value!r} (or --provider-option local.{option}); use {valid}, "
+                          "or unset it for the default")
     return number
 
 
@@ -335,11 +336,11 @@ def parse_options(mode: str | None, c: str | None, image_size: str | None,
                   cache_dir: Path | None = None) -> LocalOptions:
     """Build options from text settings (environment variables or ``--provider-option``); None keeps a default."""
     if mode and mode not in MODE_NAMES:
-        raise ConfigError(f"invalid local mode {mode!r} ({MODE_ENV} or local.mode); "
+        raise ConfigError(f"invalid local mode {mode!r} ({MODE_ENV} or --provider-option local.mode); "
                           f"valid modes: {', '.join(MODE_NAMES)}")
-    regularization_c = _parse_number(f"{C_ENV} (local.c)", c, float, "a positive number such as 0.1", 1e-9, 1e9)
-    size = _parse_number(f"{IMAGE_SIZE_ENV} (local.image_size)", image_size, int,
-                         "a whole number of pixels from 64 to 1024", 64, 1024)
+    regularization_c = _parse_number(C_ENV, "c", c, float, "a positive number such as 0.1", 1e-9, 1e9)
+    size = _parse_number(IMAGE_SIZE_ENV, "image_size", image_size, int, "a whole number of pixels from 64 to 1024",
+                         64, 1024)
     return LocalOptions(mode=mode or DEFAULT_MODE, regularization_c=regularization_c, image_size=size,
                         cache_dir=cache_dir)
 
