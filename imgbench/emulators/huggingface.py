@@ -51,13 +51,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 import yaml
 
 from imgbench.emulators.nyckel import ImagePayloadError, image_histogram
+
+from imgbench.emulators.server import LoopbackEmulator
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
-class HuggingFaceEmulator:
+class HuggingFaceEmulator(LoopbackEmulator):
     """A threaded HTTP server on 127.0.0.1 that behaves like the API subset above.
 
     ``training_reads`` is the number of job status reads before a job's
@@ -156,6 +158,8 @@ class HuggingFaceEmulator:
     ``startup_503`` the number of serving requests answered with 503 after
     that, while the replica loads the model.
     """
+
+    service_name = "Hugging Face"
 
     def __init__(self, *, port: int = 0, tokens: dict[str, str] | None = None, training_reads: int = 3,
                  startup_reads: int = 2, startup_503: int = 2):
@@ -172,39 +176,6 @@ class HuggingFaceEmulator:
         # Secret values jobs received, so tests can check where they went.
         self.job_secrets: list[dict] = []
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # Lifecycle --------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the emulator is not running; call start() or use it in a with statement")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> "HuggingFaceEmulator":
-        handler = type("HuggingFaceHandler", (_Handler,), {"emulator": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="huggingface-emulator", daemon=True)
-        self._thread.start()
-        logger.info("Hugging Face emulator listening on %s", self.url)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=10)
-            self._server = None
-            logger.info("Hugging Face emulator stopped")
-
-    def __enter__(self) -> "HuggingFaceEmulator":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
     # Fault injection ----------------------------------------------------------
 
@@ -629,6 +600,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
+
+
+HuggingFaceEmulator.handler_base = _Handler
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,11 +43,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from imgbench.emulators.server import LoopbackEmulator
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ class ApiError(Exception):
         self.body = {"message": message, **extra}
 
 
-class NyckelEmulator:
+class NyckelEmulator(LoopbackEmulator):
     """A threaded HTTP server on 127.0.0.1 that behaves like the Nyckel API subset above.
 
     ``training_polls`` is the number of status polls (metrics or function
@@ -152,6 +154,8 @@ class NyckelEmulator:
     the token lifetime it reports and enforces, measured on ``time_source``
     (seconds, monotonic), which tests may replace to make tokens expire.
     """
+
+    service_name = "Nyckel"
 
     def __init__(self, *, port: int = 0, client_id: str = DEFAULT_CLIENT_ID,
                  client_secret: str = DEFAULT_CLIENT_SECRET, token_ttl_s: float = 3600.0,
@@ -176,39 +180,6 @@ class NyckelEmulator:
         self.request_callbacks: dict[str, Callable[[], None]] = {}
         self._lock = threading.RLock()
         self._random = random.Random(seed)
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # Lifecycle --------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the emulator is not running; call start() or use it in a with statement")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> "NyckelEmulator":
-        handler = type("NyckelHandler", (_Handler,), {"emulator": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="nyckel-emulator", daemon=True)
-        self._thread.start()
-        logger.info("Nyckel emulator listening on %s", self.url)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=10)
-            self._server = None
-            logger.info("Nyckel emulator stopped")
-
-    def __enter__(self) -> "NyckelEmulator":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
     # Fault injection and inspection -------------------------------------------
 
@@ -533,6 +504,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
+
+
+NyckelEmulator.handler_base = _Handler
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,12 +49,14 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
 from imgbench.emulators.nyckel import ImagePayloadError, image_histogram
+
+from imgbench.emulators.server import LoopbackEmulator
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +199,10 @@ def parse_multipart(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
     return parts
 
 
-class VertexEmulator:
+class VertexEmulator(LoopbackEmulator):
     """A threaded HTTP server on 127.0.0.1 that behaves like the Vertex AI and Storage subset above."""
+
+    service_name = "Vertex AI"
 
     def __init__(self, *, port: int = 0, project_number: str = DEFAULT_PROJECT_NUMBER,
                  operation_polls: int = 1, training_polls: int = 3):
@@ -221,39 +225,6 @@ class VertexEmulator:
         self._next_id = 1000
         self._generation = 1
         self._lock = threading.RLock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # Lifecycle --------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the emulator is not running; call start() or use it in a with statement")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> "VertexEmulator":
-        handler = type("VertexHandler", (_Handler,), {"emulator": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="vertex-emulator", daemon=True)
-        self._thread.start()
-        logger.info("Vertex AI emulator listening on %s", self.url)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=10)
-            self._server = None
-            logger.info("Vertex AI emulator stopped")
-
-    def __enter__(self) -> "VertexEmulator":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
     # Fault injection and inspection -------------------------------------------
 
@@ -689,6 +660,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
+
+
+VertexEmulator.handler_base = _Handler
 
 
 def main(argv: list[str] | None = None) -> None:
