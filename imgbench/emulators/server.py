@@ -13,9 +13,9 @@ logger = logging.getLogger(__name__)
 class LoopbackEmulator:
     """Serve an emulator's request handler on 127.0.0.1 in a background thread.
 
-    A subclass sets ``service_name`` (for logs) and ``handler_base``, whose
-    subclass made by ``start`` gets the emulator as its ``emulator``
-    attribute, and stores the requested port (0 picks a free one) in ``port``.
+    A subclass sets ``service_name`` (used in logs), ``handler_base`` and
+    ``port`` (0 picks a free port). ``start`` serves a subclass of
+    ``handler_base`` whose ``emulator`` attribute is this object.
     """
 
     service_name: ClassVar[str]
