@@ -181,7 +181,8 @@ def _training_section(passed: pd.DataFrame, reference: PublishedFigures | None,
         "training_time_largest_ablation", "Training time at the largest ablation",
         f"Per dataset, the largest ablation with a passed case; mean over repeated runs. {TRAINING_TIME_NOTE} "
         f"{source}", time_table))
-    if not time_table.empty:
+    # With only replayed cases and no published overlay there is no bar to draw.
+    if not time_table.empty and (time_table["training_s"].notna().any() or reference is not None):
         published_rows = tables.at_largest_ablation(reference.results, largest) if reference is not None else None
         section.charts.append(Chart(
             "Training time by dataset at the largest ablation",

@@ -97,11 +97,13 @@ def grouped_bars(run: pd.DataFrame, published: pd.DataFrame | None, value: str, 
     figure = _new_figure(max(6.0, 1.2 + len(groups) * slots * 0.35), 4.8)
     ax = figure.add_subplot()
     centres = np.arange(len(groups))
+    all_heights: list[float] = []
 
     for slot, service in enumerate(services):
         offsets = centres - 0.4 + width * (slot + 0.5)
         rows = run[run["service"] == service].set_index("dataset")
         heights = [rows[value].get(group, np.nan) for group in groups]
+        all_heights += heights
         drawn = not all(np.isnan(height) for height in heights)
         ax.bar(offsets, heights, width, color=palette.run(service), label=service if drawn else None)
         for offset, group in zip(offsets, groups, strict=True):
@@ -113,12 +115,14 @@ def grouped_bars(run: pd.DataFrame, published: pd.DataFrame | None, value: str, 
         offsets = centres - 0.4 + width * (slot + 0.5)
         rows = published[published["service"] == service].set_index("dataset")
         heights = [rows[published_value].get(group, np.nan) for group in groups]
+        all_heights += heights
         ax.bar(offsets, heights, width, facecolor="white", edgecolor=palette.published(service),
                hatch=PUBLISHED_HATCH, linestyle="--", label=published_name(service))
 
     ax.set_xticks(centres, [group_labels[group] for group in groups])
     ax.set_ylabel(ylabel)
-    if log:
+    # A log axis needs a positive bar; a run of replayed cases only has none.
+    if log and any(np.isfinite(height) and height > 0 for height in all_heights):
         ax.set_yscale("log")
     if percent:
         ax.set_ylim(0, 1)

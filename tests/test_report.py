@@ -233,3 +233,11 @@ def test_module_entry_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"report: {tmp_path / 'report.html'} (10 records)" in result.stdout
     assert (tmp_path / "tables" / "published_2023_throughput.csv").exists()
+
+
+def test_replayed_only_report_without_overlay(tmp_path):
+    generate_report([RESULTS / "replayed.json"], tmp_path)
+
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Training time by dataset" not in html
+    assert (tmp_path / "tables" / "training_time_largest_ablation.csv").is_file()
