@@ -101,6 +101,10 @@ class MatrixEstimate:
     def total_usd(self) -> float:
         return sum(case.total_usd for case in self.cases)
 
+    def billed_usd(self, provider_modes: dict[str, str]) -> float:
+        """Return the total over the cases that run live; replayed and emulated cases cost nothing."""
+        return sum(case.total_usd for case in self.cases if provider_modes.get(case.provider) == "live")
+
     def by_case(self) -> dict[str, CaseEstimate]:
         return {case.case_id: case for case in self.cases}
 
@@ -186,7 +190,12 @@ def estimate_matrix(bench_config: BenchConfig, skip: set[str] | frozenset[str] =
 
 
 def recorded_spend(record: dict) -> float:
-    """Return what a case record's durations and request counts cost at its provider's list prices."""
+    """Return what a case record's durations and request counts cost at its provider's list prices.
+
+    Only a live record costs anything; a replayed or emulated one returns 0.
+    """
+    if record.get("mode") != "live":
+        return 0.0
     try:
         prices = price_model_of(record["provider"])
     except (KeyError, ConfigError):

@@ -181,10 +181,11 @@ def _check_max_cost(config: pytest.Config, bench_config: BenchConfig) -> None:
     if reason:
         raise pytest.UsageError(reason)
     spent = sum(recorded_spend(record) for record in config.stash[EARLIER_KEY])
-    if spent + estimate.total_usd > max_cost:
+    billed = estimate.billed_usd(bench_config.provider_modes)
+    if spent + billed > max_cost:
         raise pytest.UsageError(
-            f"the run's cost estimate is {spent + estimate.total_usd:.2f} USD ({estimate.total_usd:.2f} USD for "
-            f"the cases to run, {spent:.2f} USD spent by an earlier attempt), over --max-cost {max_cost:.2f} USD; "
+            f"the run's cost estimate is {spent + billed:.2f} USD ({billed:.2f} USD for the live cases to run, "
+            f"{spent:.2f} USD spent by an earlier attempt), over --max-cost {max_cost:.2f} USD; "
             "select fewer cases or raise --max-cost (see `python -m imgbench estimate`)"
         )
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -138,14 +141,32 @@ def test_estimate_command_rejects_unknown_provider():
     assert "unknown provider(s) nope" in completed.stderr
 
 
-def test_max_cost_rejects_run(shared_cache_dir, tmp_path):
-    completed = run_benchmark(["--providers", "nyckel", "--datasets", "beans", "--ablations", "5,20",
-                               "--max-cost", "0.01", "--results", str(tmp_path / "r.json")], shared_cache_dir,
-                              timeout=120)
+def live_run_environment(cache_dir: Path) -> dict[str, str]:
+    """Return an environment with dummy Nyckel credentials, for live runs that stop before any request."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
+    environment.update(IMGBENCH_CACHE_DIR=str(cache_dir), NYCKEL_CLIENT_ID="dummy-id", NYCKEL_CLIENT_SECRET="dummy")
+    return environment
+
+
+def test_max_cost_rejects_live_run(shared_cache_dir, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench_tests", "--live", "--providers", "nyckel", "--datasets", "beans",
+         "--ablations", "5,20", "--max-cost", "0.01", "--collect-only", "--results", str(tmp_path / "r.json")],
+        cwd=REPO_ROOT, env=live_run_environment(shared_cache_dir), capture_output=True, text=True, timeout=120,
+        check=False)
 
     assert completed.returncode == 4
     assert "over --max-cost 0.01 USD" in completed.stderr
     assert "cost estimate is" in completed.stderr
+
+
+def test_max_cost_ignores_replayed_run(shared_cache_dir, tmp_path):
+    completed = run_benchmark(["--providers", "nyckel", "--datasets", "beans", "--ablations", "5,20",
+                               "--max-cost", "0.01", "--collect-only", "--results", str(tmp_path / "r.json")],
+                              shared_cache_dir, timeout=120)
+
+    assert completed.returncode == 0, completed.stderr
+    assert "this run is not live, so it costs nothing" in completed.stdout
 
 
 def test_max_cost_prints_estimate(shared_cache_dir, tmp_path):
@@ -164,16 +185,27 @@ def test_spend_and_budget_from_recorded_run(tmp_path, shared_cache_dir):
         run = run_benchmark_against(emulator, results, "budget", shared_cache_dir)
     assert run.returncode == 0, run.output[-3000:]
     record = run.records()["nyckel-beans-5"]
+    assert recorded_spend(record) == 0.0
+
+    # The same record as a live run would write it: only the mode differs.
+    document = json.loads(results.read_text(encoding="utf-8"))
+    for benchmark in document["benchmarks"]:
+        benchmark["extra_info"]["mode"] = "live"
+    results.write_text(json.dumps(document), encoding="utf-8")
+    live_record = {**record, "mode": "live"}
     requests = len(record["predictions"]) + record["load_test"]["sent"]
     prices = get_provider_class("nyckel").price_model
-    spent = recorded_spend(record)
+    spent = recorded_spend(live_record)
     assert spent == pytest.approx(requests / 1000 * prices.per_1000_requests)
 
     config = BenchConfig(providers=("nyckel",), datasets=("beans",), ablations=(5, 20), results_path=results,
-                         run_id="budget", load=LoadConfig(requests=10, concurrency=2))
+                         run_id="budget", load=LoadConfig(requests=10, concurrency=2),
+                         provider_modes={"nyckel": "live"})
     next_case = CaseSpec("nyckel", "beans", 20)
     estimate = estimate_case(next_case, config)
 
     check_budget(next_case, config, spent + estimate.total_usd + 0.001)
     with pytest.raises(pytest.skip.Exception, match="spend so far"):
         check_budget(next_case, config, spent + estimate.total_usd - 0.001)
+    emulated = BenchConfig(**{**config.__dict__, "provider_modes": {"nyckel": "emulator"}})
+    check_budget(next_case, emulated, 0.0)
