@@ -434,9 +434,30 @@ def _report_outstanding(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write_line(f"{entry.provider} {entry.kind} {entry.resource_id} "
                                     f"{_details_text(entry.details)} case {entry.case_id}{note}", red=True)
     if outstanding:
+        providers = sorted({entry.provider for entry in outstanding})
+        resume_flags, sweep_flags = _service_flags(bench_config, providers)
         terminalreporter.write_line(
-            f"resume with the same --run-id {bench_config.run_id} --results {bench_config.results_path}, or delete "
-            f"them with: python -m imgbench sweep --run-id {bench_config.run_id} --ledger-dir {path.parent}")
+            f"resume with the same --run-id {bench_config.run_id} --results {bench_config.results_path}"
+            f"{resume_flags}, or delete them with: python -m imgbench sweep --run-id {bench_config.run_id} "
+            f"--ledger-dir {path.parent}{sweep_flags}")
+
+
+def _service_flags(bench_config: BenchConfig, providers: list[str]) -> tuple[str, str]:
+    """Return the service URL and provider settings that a resume and a sweep of ``providers`` need.
+
+    Without the emulator's URL a sweep would address the real service.
+    """
+    resume, sweep = [], []
+    for name in providers:
+        url = bench_config.service_urls.get(name)
+        if url and bench_config.provider_modes.get(name) == "emulator":
+            resume.append(f"--{name}-url {url}")
+            sweep.append(f"--service-url {name}={url}")
+        for key, value in sorted(bench_config.provider_options.get(name, {}).items()):
+            option = f"--provider-option {name}.{key}={value}"
+            resume.append(option)
+            sweep.append(option)
+    return "".join(" " + flag for flag in resume), "".join(" " + flag for flag in sweep)
 
 
 def _details_text(details: dict) -> str:

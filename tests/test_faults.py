@@ -51,6 +51,8 @@ def test_error_at_step(step, emulator, tmp_path, shared_cache_dir):
         assert record["teardown_error"].startswith("InvalidInputError")
         assert "load_test" in record  # the measurements made before the failure are kept
         assert f"imgbench sweep --run-id error-{step}" in run.output
+        assert f"--service-url nyckel={emulator.url}" in run.output
+        assert f"--nyckel-url {emulator.url}" in run.output
         assert len(emulator.functions) == 1
         sweep_to_zero(emulator, run)
     elif step == "invoke":
