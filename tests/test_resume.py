@@ -70,8 +70,11 @@ def test_interrupted_case_reuses_model(emulator, tmp_path, shared_cache_dir):
     record = resumed.records()["nyckel-beans-5"]
     assert record["status"] == "passed"
     assert record["reused_model"] is True
-    assert record["seconds"]["training"] > 0
-    assert record["seconds"]["upload"] > 0
+    seconds = record["seconds"]
+    assert seconds["training"] > 0
+    assert seconds["upload"] > 0
+    assert record["upload_to_endpoint_spans_attempts"] is True
+    assert seconds["upload_to_endpoint"] >= seconds["upload"] + seconds["training"] + seconds["deployment"]
     assert emulator.functions_created == 1
     assert emulator.samples_created == CASE_IMAGES
     assert emulator.functions == {}
