@@ -139,5 +139,6 @@ def default_give_up(exc: TransientError) -> Exception:
     from imgbench.errors import ServiceFailureError, ThrottledError
 
     if exc.kind == THROTTLING:
-        return ThrottledError(f"{exc}; still throttled after the retry budget: lower --load-concurrency or wait")
+        return ThrottledError(f"{exc}; still throttled after the retry budget: wait until the service's request "
+                              "quota recovers (or ask its provider for a higher quota), then run the case again")
     return ServiceFailureError(f"{exc}; still failing after the retry budget")
