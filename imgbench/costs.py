@@ -157,14 +157,14 @@ def estimate_case(case: CaseSpec, bench_config: BenchConfig) -> CaseEstimate:
     """Estimate one case's cost at list prices.
 
     A local provider costs nothing. A cloud provider without a price model
-    gets zeros with ``prices_known=False``, so callers can tell unknown from free.
+    gets its expected hours and requests but zero dollars, with
+    ``prices_known=False``, so callers can tell unknown from free.
     """
-    prices = price_model_of(case.provider)
-    if prices is None:
-        from providers import get_provider_class
+    from providers import get_provider_class
 
-        known = get_provider_class(case.provider).mode == "local"
-        return CaseEstimate(case.case_id, case.provider, 0.0, 0.0, 0, 0.0, 0.0, 0.0, True, prices_known=known)
+    if get_provider_class(case.provider).mode == "local":
+        return CaseEstimate(case.case_id, case.provider, 0.0, 0.0, 0, 0.0, 0.0, 0.0, True)
+    prices = price_model_of(case.provider)
     durations = EXPECTED_DURATIONS.get(case.provider, DEFAULT_DURATIONS)
     test_images, classes = dataset_size(case.dataset)
     training_images = case.ablation * classes
@@ -173,6 +173,9 @@ def estimate_case(case: CaseSpec, bench_config: BenchConfig) -> CaseEstimate:
     serving_s = test_images * durations.request_s + load_requests * durations.request_s / bench_config.load.concurrency
     endpoint_hours = durations.deployment_hours + serving_s / SECONDS_PER_HOUR
     requests = test_images + load_requests
+    if prices is None:
+        return CaseEstimate(case.case_id, case.provider, training_hours, endpoint_hours, requests, 0.0, 0.0, 0.0,
+                            True, prices_known=False)
     return CaseEstimate(
         case_id=case.case_id, provider=case.provider, training_hours=training_hours,
         endpoint_hours=endpoint_hours, requests=requests,

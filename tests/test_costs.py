@@ -48,6 +48,8 @@ def test_unpriced_provider_cost_is_unknown(monkeypatch):
 
     assert estimate.unpriced_providers() == ["nyckel"]
     assert all(not case.prices_known for case in estimate.cases)
+    assert all(case.training_hours > 0 and case.requests > 0 for case in estimate.cases)
+    assert estimate.total_usd == 0.0
     assert "no price data for nyckel" in estimate.format()
 
 
