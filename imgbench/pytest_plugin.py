@@ -206,7 +206,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def check_run_settings(bench_config: BenchConfig) -> None:
-    """Fail at start, not after the first case, on an unusable result path or local setting."""
+    """Fail at start, not after the first case, on an unusable result path or provider setting."""
     results_dir = bench_config.results_path.parent
     try:
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -216,10 +216,12 @@ def check_run_settings(bench_config: BenchConfig) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot write results to {str(bench_config.results_path)!r} ({exc.strerror}); "
                           "choose a writable path with --results") from exc
-    if "local" in bench_config.providers:
-        from providers.local import options_from_env
+    from providers import get_provider_class
 
-        options_from_env()
+    # Building a provider parses its settings and environment variables; it
+    # sends no request, and each case builds its own provider object again.
+    for name in bench_config.providers:
+        get_provider_class(name).from_config(bench_config)
 
 
 def markexpr_selects_live(markexpr: str) -> bool:

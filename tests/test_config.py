@@ -12,6 +12,7 @@ from imgbench.config import (
     build_config,
     parse_ablations,
     parse_datasets,
+    parse_provider_options,
     parse_providers,
 )
 from imgbench.datasets import DATASETS_DIR_ENV
@@ -203,3 +204,18 @@ def test_provider_option_unknown_key():
 
     with pytest.raises(ConfigError, match="unknown nyckel setting.*colour.*valid keys"):
         check_provider_options({"nyckel": {"colour": "red"}})
+
+
+@pytest.mark.parametrize("option", ["aws.inference_units=abc", "vertex.budget_milli_node_hours=x",
+                                    "huggingface.epochs=x", "local.mode=fastest"])
+def test_invalid_provider_value_fails_at_start(option, tmp_path):
+    from imgbench.pytest_plugin import check_run_settings
+
+    provider = option.split(".")[0]
+    config = build_config(providers=provider, datasets="beans", ablations="5", datasets_dir=None,
+                          dataset_paths={}, results=str(tmp_path / "r.json"), run_id="start", load_requests=10,
+                          load_concurrency=2, load_max_seconds=60, seed="s", cache_dir=str(tmp_path / "cache"),
+                          provider_options=parse_provider_options([option]))
+
+    with pytest.raises(ConfigError, match=option.split("=")[1]):
+        check_run_settings(config)
