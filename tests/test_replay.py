@@ -80,3 +80,20 @@ def test_replay_runs_the_load_test(replay_run, case_id):
     assert load["requests"] == 1000
     assert load["succeeded"] == 1000
     assert load["errors_by_kind"] == {}
+
+
+def test_other_training_set_names_cause(shared_cache_dir, tmp_path):
+    datasets_dir = os.environ.get(DATASETS_DIR_ENV)
+    if not datasets_dir:
+        pytest.skip(f"{DATASETS_DIR_ENV} is unset; the committed cassettes replay only on the full beans dataset")
+    results = tmp_path / "results.json"
+
+    completed = run_benchmark(["--providers", "nyckel", "--datasets", "beans", "--ablations", "5",
+                               "--ablation-seed", "another-seed", "--datasets-dir", datasets_dir,
+                               "--results", str(results)], shared_cache_dir, timeout=300)
+
+    assert completed.returncode == 1
+    record = iter_records(json.loads(results.read_text()))[0]
+    assert record["error"]["kind"] == "cassette_miss"
+    assert "recorded with the training images of manifest" in record["error"]["message"]
+    assert "--ablation-seed" in record["error"]["message"]
