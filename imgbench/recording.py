@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import vcr
@@ -136,6 +137,11 @@ class RecordingRules:
     # (regular expression, replacement) pairs applied to stored URIs and
     # bodies, for values of a known shape such as service-account emails.
     text_patterns: tuple[tuple[str, str], ...] = ()
+    # Functions by request path (as stored, such as "/api/whoami-v2") that
+    # rewrite that path's JSON response body before it is saved: they get the
+    # parsed body and return the body to store. They suit responses where
+    # only a known list of fields may reach disk, such as an account profile.
+    response_filters: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
 
 
 def validate_record_mode(value: str) -> str:
@@ -378,6 +384,29 @@ def response_scrubber(rules: RecordingRules) -> Callable:
     return scrub
 
 
+def response_filter_hook(rules: RecordingRules) -> Callable:
+    """Build vcrpy's ``before_save_interaction`` hook that applies ``rules.response_filters``.
+
+    vcrpy runs it on a copy of each interaction as the cassette is saved,
+    before ``filter_sensitive_data`` hides values, so a filter sees the values
+    as recorded. A body that is not JSON is stored as it is.
+    """
+
+    def apply(request, response):
+        response_filter = rules.response_filters.get(urlsplit(request.uri).path)
+        body = response["body"]["string"]
+        if response_filter is None or not body:
+            return request, response
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return request, response
+        response["body"] = {"string": _canonical_json(response_filter(parsed))}
+        return request, response
+
+    return apply
+
+
 # Matching -------------------------------------------------------------------
 
 def _request_body(request):
@@ -563,6 +592,7 @@ def build_vcr(rules: RecordingRules, record_mode: str) -> vcr.VCR:
         before_record_response=response_scrubber(rules),
         decode_compressed_response=True,
         filter_sensitive_data=[(placeholder, value) for placeholder, value in rules.sensitive_values.items()],
+        before_save_interaction=response_filter_hook(rules) if rules.response_filters else None,
     )
     recorder.register_matcher("body_digest", match_body_digest)
     recorder.register_matcher("amz_target", match_amz_target)

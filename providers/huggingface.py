@@ -19,7 +19,10 @@ returns a prediction for a probe image: HTTP 503 while the replica starts is wai
 counted and recorded as start-up time, never as a prediction. ``invoke``
 sends the raw image bytes; the top label is the prediction. ``teardown``
 deletes the endpoint, cancels an unfinished job and deletes both
-repositories, also after a failure at any step.
+repositories, also after a failure at any step. With ``keep_model`` set (an
+interrupted run) it keeps a trained model repository but still cancels a job
+that has not finished, because a running job bills by the hour; a resumed
+run then trains again.
 
 The token comes from ``HF_TOKEN``, else from the Hub's token file (live
 runs only). It is sent only to the Hub, the
@@ -107,6 +110,8 @@ AUTOTRAIN_COMMAND = ["bash", "-c", 'printf "%s" "$AUTOTRAIN_CONFIG" > /tmp/imgbe
                                    "&& autotrain --config /tmp/imgbench-autotrain.yml"]
 
 JOB_RUNNING_STAGES = ("SCHEDULING", "RUNNING")
+# Ledger detail of a job cancelled at teardown, interrupted runs included.
+JOB_CANCELLED_NOTE = "cancelled before training finished; not kept, so a resumed run trains again"
 ENDPOINT_STARTING_STATES = ("pending", "initializing", "updating")
 ENDPOINT_FAILED_STATES = ("failed", "updateFailed")
 
@@ -117,10 +122,28 @@ TOKEN_PLACEHOLDER = "<HF_TOKEN>"
 ENDPOINT_NAME_PLACEHOLDER = "<HF_ENDPOINT_NAME>"
 ENDPOINT_HOST_PLACEHOLDER = "<HF_ENDPOINT_HOST>"
 HUB_URL_PLACEHOLDER = "<HF_HUB_URL>"
+ACCOUNT_ID_PLACEHOLDER = "<HF_ACCOUNT_ID>"
+# Jobs responses name the account that owns and started a job by its id
+# (huggingface_hub 2.x JobOwner and JobInitiator). Stored bodies are canonical
+# JSON with sorted keys, so "id" comes first in these objects.
+# NOTE: no live response was recorded. An account field elsewhere in a live
+# response is hidden only where it equals whoami's "id" or the namespace.
+ACCOUNT_ID_PATTERNS = ((r'"(owner|initiator)":\{"id":"[^"]*"', rf'"\1":{{"id":"{ACCOUNT_ID_PLACEHOLDER}"'),)
 # Values a replay runs with. A replay restores the cassette's placeholders to these.
 REPLAY_NAMESPACE = "replay-user"
 REPLAY_TOKEN = "hf_replayToken"
 REPLAY_ENDPOINT_HOST = "https://imgbench-replay.endpoints.huggingface.cloud"
+
+# The account profile that whoami returns. A cassette keeps only the fields
+# below, because the rest identify the account: "id", "fullname", "email",
+# "avatarUrl", billing fields, "orgs" (names, ids, emails) and the token's
+# "displayName" and dates. Field names follow huggingface.js's ApiWhoAmI types
+# and huggingface_hub 2.x, which reads "name", "orgs[].name" and
+# "auth.accessToken.displayName"/"role" of this response.
+WHOAMI_PATH = "/api/whoami-v2"
+WHOAMI_KEPT_FIELDS = ("type", "error")
+WHOAMI_KEPT_AUTH_FIELDS = ("type",)
+WHOAMI_KEPT_TOKEN_FIELDS = ("role",)
 
 # JSON fields that hold secrets or file contents in Hub, Jobs and Endpoints requests.
 HUGGINGFACE_SECRET_FIELDS = SECRET_FIELDS | {"secrets", "hf_token"}
@@ -246,6 +269,8 @@ class HuggingFaceProvider(Provider):
         self._token = token
         self._api = HfApi(endpoint=self.options.hub_url, token=token, library_name="imgbench")
         self._namespace = self.options.namespace
+        # The account id from whoami, hidden in cassettes wherever it appears.
+        self._account_id: str | None = None
         self._retries = RetryCounter()
         self._random = random.Random()
         self._counts_lock = threading.Lock()
@@ -353,8 +378,11 @@ class HuggingFaceProvider(Provider):
                 TOKEN_PLACEHOLDER: self._token,
                 HUB_URL_PLACEHOLDER: lambda *_: self.options.hub_url,
                 NAMESPACE_PLACEHOLDER: lambda *_: self._namespace,
+                ACCOUNT_ID_PLACEHOLDER: lambda *_: self._account_id,
                 ENDPOINT_NAME_PLACEHOLDER: lambda *_: self._endpoint_name or self.endpoint_name_for(self.case_id),
             },
+            response_filters={WHOAMI_PATH: whoami_for_cassette},
+            text_patterns=ACCOUNT_ID_PATTERNS,
         )
 
     def _endpoint_host(self, *_) -> str | None:
@@ -378,7 +406,9 @@ class HuggingFaceProvider(Provider):
     @property
     def namespace(self) -> str:
         if self._namespace is None:
-            self._namespace = str(self._hub("whoami", self._api.whoami)["name"])
+            profile = self._hub("whoami", self._api.whoami)
+            self._namespace = str(profile["name"])
+            self._account_id = profile.get("id")
         return self._namespace
 
     def endpoint_name_for(self, case_id: str) -> str:
@@ -519,10 +549,17 @@ class HuggingFaceProvider(Provider):
 
     @classmethod
     def find_leftovers(cls, bench_config, run_marker: str | None) -> list[Leftover]:
+        """List the resources of run ``run_marker``, a run id as the sweep passes it (of any imgbench run when None).
+
+        Repositories are named ``imgbench-<run id>-<case id>[-data]`` and
+        endpoints are matched by their model repository, so the prefix ends
+        with a hyphen: run ``R`` never matches run ``R2``. Jobs carry the run
+        prefix ``imgbench-<run id>`` in their ``imgbench-run`` label.
+        """
         provider = cls.from_config(bench_config)
-        prefix = run_marker or RUN_PREFIX_ROOT
-        if not prefix.startswith(RUN_PREFIX_ROOT):
-            raise ConfigError(f"invalid run marker {prefix!r}; it must start with {RUN_PREFIX_ROOT!r}")
+        run_prefix = f"{RUN_PREFIX_ROOT}{run_marker}" if run_marker else None
+        name_prefix = f"{run_prefix}-" if run_prefix else RUN_PREFIX_ROOT
+        marker = run_prefix or RUN_PREFIX_ROOT
         namespace = provider.namespace
         leftovers = []
         with provider._endpoints_api():
@@ -530,18 +567,20 @@ class HuggingFaceProvider(Provider):
                 namespace=namespace))
         for endpoint in endpoints:
             repository = endpoint.repository.split("/", 1)[-1]
-            if repository.startswith(prefix):
-                leftovers.append(Leftover(cls.name, "endpoint", endpoint.name, prefix,
+            if repository.startswith(name_prefix):
+                leftovers.append(Leftover(cls.name, "endpoint", endpoint.name, marker,
                                           (("model_repo", endpoint.repository),)))
         for kind, lister in (("model", provider._api.list_models), ("dataset", provider._api.list_datasets)):
             repos = provider._hub(f"{kind} list", lambda lister=lister: list(lister(author=namespace,
-                                                                                   search=prefix)))
-            leftovers.extend(Leftover(cls.name, kind, repo.id, prefix) for repo in repos
-                             if repo.id.split("/", 1)[-1].startswith(prefix))
+                                                                                   search=name_prefix)))
+            leftovers.extend(Leftover(cls.name, kind, repo.id, marker) for repo in repos
+                             if repo.id.split("/", 1)[-1].startswith(name_prefix))
         jobs = provider._hub("job list", lambda: provider._api.list_jobs(namespace=namespace))
-        leftovers.extend(Leftover(cls.name, "job", job.id, prefix) for job in jobs
-                         if job.status.stage in JOB_RUNNING_STAGES
-                         and str((job.labels or {}).get("imgbench-run", "")).startswith(prefix))
+        for job in jobs:
+            label = str((job.labels or {}).get("imgbench-run", ""))
+            matches = label == run_prefix if run_prefix else label.startswith(RUN_PREFIX_ROOT)
+            if job.status.stage in JOB_RUNNING_STAGES and matches:
+                leftovers.append(Leftover(cls.name, "job", job.id, marker))
         return leftovers
 
     @classmethod
@@ -673,14 +712,24 @@ class HuggingFaceProvider(Provider):
         logger.info("Hugging Face endpoint %s deleted", name)
 
     def _cancel_job(self) -> None:
+        """Cancel a job that has not finished, also with ``keep_model`` set.
+
+        A running job bills its hardware by the hour and cannot be resumed, so
+        ``keep_model`` does not keep it: the job is cancelled, its ledger entry
+        says so, and a resumed run trains again.
+        """
         if self._job_finished or (self._job_id is None and not self._job_requested):
             return
         job_ids = [self._job_id] if self._job_id else self._find_jobs()
         for job_id in job_ids:
             self._hub("job cancellation", lambda job_id=job_id: self._api.cancel_job(
                 job_id=job_id, namespace=self.namespace), missing_ok=True)
-            self.note_deleted("job", job_id)
-            logger.info("Hugging Face job %s cancelled", job_id)
+            self.ledger.note_state(self.name, "job", job_id, "deleted", ended=JOB_CANCELLED_NOTE)
+            if self.keep_model:
+                logger.info("Hugging Face job %s cancelled before training finished; the job is not kept, "
+                            "so a resumed run trains again", job_id)
+            else:
+                logger.info("Hugging Face job %s cancelled", job_id)
         self._job_finished = True
 
     def _find_jobs(self) -> list[str]:
@@ -775,6 +824,27 @@ _ENDPOINTS_API_LOCK = threading.RLock()
 
 # Retries of one Hub, Jobs or Endpoints API call.
 HUB_RETRY_POLICY = RetryPolicy(max_attempts=5, base_delay_s=0.5, max_delay_s=20.0, budget_s=60.0)
+
+
+def whoami_for_cassette(profile: Any) -> Any:
+    """Return the part of a whoami response that a cassette may store.
+
+    The account name becomes the namespace placeholder, and every other
+    field is dropped except the account type and the token's type and role.
+    A replay never sends whoami, because it runs with a fixed namespace.
+    """
+    if not isinstance(profile, dict):
+        return profile
+    kept: dict[str, Any] = {key: profile[key] for key in WHOAMI_KEPT_FIELDS if key in profile}
+    if "name" in profile:
+        kept["name"] = NAMESPACE_PLACEHOLDER
+    auth = profile.get("auth")
+    if isinstance(auth, dict):
+        kept["auth"] = {key: auth[key] for key in WHOAMI_KEPT_AUTH_FIELDS if key in auth}
+        token = auth.get("accessToken")
+        if isinstance(token, dict):
+            kept["auth"]["accessToken"] = {key: token[key] for key in WHOAMI_KEPT_TOKEN_FIELDS if key in token}
+    return kept
 
 
 def _hub_message(exc: HfHubHTTPError) -> str:

@@ -9,7 +9,10 @@ set. Connections to anything but loopback addresses are blocked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,10 +39,12 @@ from imgbench.results import iter_records
 from imgbench.retry import CONNECTION_RESET
 from providers import TrainingSet
 from providers.huggingface import HuggingFaceOptions, HuggingFaceProvider
-from tests.conftest import run_benchmark
+from tests.benchrun import bench_environment
+from tests.conftest import REPO_ROOT, run_benchmark
 
 TOKEN = "hf_testTokenForTheEmulator4821"
-RUN_PREFIX = "imgbench-20261204T000000Z-abc123"
+RUN_ID = "20261204T000000Z-abc123"
+RUN_PREFIX = f"imgbench-{RUN_ID}"
 
 
 @pytest.fixture(autouse=True)
@@ -61,11 +66,11 @@ def emulator():
 
 
 def make_provider(emulator: HuggingFaceEmulator, clock: ReplayClock, *, token: str = TOKEN,
-                  ledger: RunLedger | None = None, **options) -> HuggingFaceProvider:
+                  ledger: RunLedger | None = None, run_prefix: str = RUN_PREFIX, **options) -> HuggingFaceProvider:
     provider = HuggingFaceProvider(
         HuggingFaceOptions(hub_url=emulator.url, endpoints_api_url=f"{emulator.url}/v2", poll_interval_s=1.0,
                            **options),
-        run_mode="emulator", token=token, run_prefix=RUN_PREFIX, clock=clock)
+        run_mode="emulator", token=token, run_prefix=run_prefix, clock=clock)
     provider.case_id = "huggingface-beans-3"
     if ledger is not None:
         provider.ledger = ledger
@@ -328,19 +333,50 @@ def test_kept_model_is_reused(emulator, clock, mini_datasets, tmp_path):
     assert emulator.resources() == {"models": [], "datasets": [], "endpoints": [], "running_jobs": []}
 
 
-def test_leftovers_found_by_prefix(emulator, clock, mini_datasets, monkeypatch):
+def test_leftovers_found_by_run_id(emulator, clock, mini_datasets, monkeypatch):
     provider = make_provider(emulator, clock)
     run_to_endpoint(provider, mini_datasets)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     config = _bench_config(emulator)
 
-    leftovers = HuggingFaceProvider.find_leftovers(config, RUN_PREFIX)
-    others = HuggingFaceProvider.find_leftovers(config, "imgbench-19990101T000000Z-ffffff")
+    leftovers = HuggingFaceProvider.find_leftovers(config, RUN_ID)
+    others = HuggingFaceProvider.find_leftovers(config, "19990101T000000Z-ffffff")
+    longer = HuggingFaceProvider.find_leftovers(config, RUN_ID[:-1])
     for leftover in leftovers:
         HuggingFaceProvider.delete_leftover(config, leftover)
 
     assert sorted(leftover.kind for leftover in leftovers) == ["dataset", "endpoint", "model"]
+    assert {leftover.run_marker for leftover in leftovers} == {RUN_PREFIX}
     assert others == []
+    assert longer == []
+    assert emulator.resources() == {"models": [], "datasets": [], "endpoints": [], "running_jobs": []}
+
+
+def test_leftovers_of_any_run(emulator, clock, mini_datasets, monkeypatch):
+    provider = make_provider(emulator, clock)
+    run_to_endpoint(provider, mini_datasets)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+    leftovers = HuggingFaceProvider.find_leftovers(_bench_config(emulator), None)
+
+    assert sorted(leftover.kind for leftover in leftovers) == ["dataset", "endpoint", "model"]
+    provider.teardown()
+
+
+def test_interrupted_training_cancels_job(emulator, clock, mini_datasets, tmp_path):
+    ledger = RunLedger(tmp_path / "ledger.json", "test-run")
+    provider = make_provider(emulator, clock, ledger=ledger, training_timeout_s=1.0)
+    with pytest.raises(ProviderTimeoutError):
+        provider.train(provider.upload(training_set(mini_datasets)))
+
+    provider.keep_model = True
+    provider.teardown()
+    entries = {entry.kind: entry for entry in ledger.entries()}
+
+    assert entries["job"].state == "deleted"
+    assert "resumed run trains again" in entries["job"].details["ended"]
+    assert entries["model"].state == "deleted"
+    assert [entry.kind for entry in ledger.entries() if entry.state == "kept"] == []
     assert emulator.resources() == {"models": [], "datasets": [], "endpoints": [], "running_jobs": []}
 
 
@@ -380,7 +416,7 @@ def _bench_config(emulator: HuggingFaceEmulator, options: dict | None = None):
 
     return BenchConfig(providers=("huggingface",), provider_modes={"huggingface": "emulator"},
                        service_urls={"huggingface": emulator.url},
-                       provider_options={"huggingface": options or {}}, run_id=RUN_PREFIX.removeprefix("imgbench-"))
+                       provider_options={"huggingface": options or {}}, run_id=RUN_ID)
 
 
 def test_emulator_rejects_foreign_images(emulator):
@@ -479,3 +515,47 @@ def test_endpoint_creation_retry_accepts_conflict(emulator, clock, mini_datasets
     assert endpoint.url.endswith(endpoint.name)
     assert counters["retried_server_error"] == 1
     assert emulator.resources()["endpoints"] == []
+
+
+# A run id as the benchmark generates it by default: UTC time and six hex digits.
+SWEPT_RUN_ID = "20261204T230959Z-a7ff77"
+
+
+def sweep_command(emulator: HuggingFaceEmulator, ledger_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "imgbench", "sweep", "--ledger-dir", str(ledger_dir),
+               "--service-url", f"huggingface={emulator.url}", *args]
+    environment = bench_environment(ledger_dir)
+    environment["HF_TOKEN"] = TOKEN
+    return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120, check=False)
+
+
+def test_sweep_command_deletes_unledgered_resources(emulator, clock, mini_datasets, tmp_path):
+    ledger = RunLedger(tmp_path / f"{SWEPT_RUN_ID}.json", SWEPT_RUN_ID)
+    swept_prefix = f"imgbench-{SWEPT_RUN_ID}"
+    # One case ran to its endpoint with a ledger; a second one has no ledger
+    # and stopped while its job was still running.
+    run_to_endpoint(make_provider(emulator, clock, ledger=ledger, run_prefix=swept_prefix), mini_datasets)
+    unledgered = make_provider(emulator, clock, run_prefix=swept_prefix, training_timeout_s=1.0)
+    second_case = dataclasses.replace(training_set(mini_datasets), case_id="huggingface-beans-4")
+    with pytest.raises(ProviderTimeoutError):
+        unledgered.train(unledgered.upload(second_case))
+    running_job = emulator.resources()["running_jobs"]
+    # A run whose id starts with the swept run id keeps its dataset.
+    other = make_provider(emulator, clock, run_prefix=f"{swept_prefix}0")
+    other.upload(training_set(mini_datasets))
+    other_dataset = f"{DEFAULT_USER}/{swept_prefix}0-huggingface-beans-3-data"
+
+    completed = sweep_command(emulator, tmp_path, "--run-id", SWEPT_RUN_ID, "--yes")
+    again = sweep_command(emulator, tmp_path, "--run-id", SWEPT_RUN_ID)
+
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "cannot list" not in completed.stderr
+    assert "deleted 5 of 5 resources" in completed.stdout
+    assert f"job {running_job[0]}" in completed.stdout
+    assert "found in listing" in completed.stdout
+    assert emulator.jobs[running_job[0]].stage == "CANCELED"
+    assert emulator.resources() == {"models": [], "datasets": [other_dataset], "endpoints": [], "running_jobs": []}
+    assert ledger.outstanding() == []
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"nothing left by run {SWEPT_RUN_ID}" in again.stdout

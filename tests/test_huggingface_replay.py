@@ -21,7 +21,7 @@ import yaml
 
 from imgbench.clock import ReplayClock
 from imgbench.datasets import DATASETS_DIR_ENV
-from imgbench.emulators.huggingface import HuggingFaceEmulator
+from imgbench.emulators.huggingface import HuggingFaceEmulator, whoami_profile
 from imgbench.recording import REDACTED, block_network, meta_path, scan_for_secrets, use_case_cassette
 from imgbench.results import iter_records
 from providers.huggingface import HuggingFaceOptions, HuggingFaceProvider
@@ -79,6 +79,41 @@ def test_secrets_absent_on_disk(recorded):
     assert emulator_url.split("//")[1] not in text
     assert "authorization" not in text.lower()
     assert scan_for_secrets(text, (TOKEN,)) == []
+
+
+def identifying_values(value, key: str = "") -> list[str]:
+    """Return every string in a whoami response except the type and role fields, which name no one."""
+    if isinstance(value, dict):
+        return [found for item_key, item in value.items() for found in identifying_values(item, item_key)]
+    if isinstance(value, list):
+        return [found for item in value for found in identifying_values(item, key)]
+    if isinstance(value, str) and key not in ("type", "role", "roleInOrg"):
+        return [value]
+    return []
+
+
+def test_whoami_profile_absent_on_disk(recorded):
+    path, *_ = recorded
+    text = path.read_text()
+    profile = whoami_profile(USER)
+    values = identifying_values(profile)
+
+    assert profile["email"] in values
+    assert profile["orgs"][0]["id"] in values
+    assert profile["auth"]["accessToken"]["displayName"] in values
+    for value in values:
+        assert value not in text, f"whoami value {value!r} reached the cassette"
+
+
+def test_whoami_stored_without_account_fields(recorded):
+    path, *_ = recorded
+    interactions = yaml.safe_load(path.read_text())["interactions"]
+
+    stored = [json.loads(item["response"]["body"]["string"]) for item in interactions
+              if item["request"]["uri"].endswith("/api/whoami-v2")]
+
+    assert stored == [{"auth": {"accessToken": {"role": "write"}, "type": "access_token"},
+                       "name": "<HF_NAMESPACE>", "type": "user"}]
 
 
 def test_job_secrets_are_redacted(recorded):

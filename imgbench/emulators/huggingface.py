@@ -83,6 +83,46 @@ _ENDPOINT_API = re.compile(r"^/v2/endpoint/(?P<namespace>[^/]+)(?:/(?P<name>[^/]
 _SERVE = re.compile(r"^/serve/(?P<namespace>[^/]+)/(?P<name>[^/]+)$")
 
 
+def whoami_profile(user: str) -> dict:
+    """Return the whoami-v2 response of ``user``, with every identifying field a real account has.
+
+    Field names follow the Hub's whoami-v2 response (huggingface.js's
+    ApiWhoAmI types). The values are made up from a hash of ``user`` and
+    differ from it, so a test can check each of them separately.
+    """
+    digest = hashlib.sha1(user.encode()).hexdigest()
+    org_digest = hashlib.sha1(f"org:{user}".encode()).hexdigest()
+    return {
+        "type": "user",
+        "id": digest[:24],
+        "name": user,
+        "fullname": f"Account {digest[24:32]}",
+        "email": f"account-{digest[:10]}@example.com",
+        "emailVerified": True,
+        "canPay": True,
+        "isPro": False,
+        "periodEnd": None,
+        "avatarUrl": f"https://cdn-avatars.huggingface.co/v1/production/uploads/{digest[:24]}/avatar.png",
+        "orgs": [{
+            "type": "org",
+            "id": org_digest[:24],
+            "name": f"lab-{org_digest[24:32]}",
+            "fullname": f"Laboratory {org_digest[32:40]}",
+            "email": f"billing-{org_digest[:10]}@example.org",
+            "canPay": True,
+            "periodEnd": None,
+            "avatarUrl": f"https://cdn-avatars.huggingface.co/v1/production/uploads/{org_digest[:24]}/logo.png",
+            "roleInOrg": "admin",
+            "isEnterprise": False,
+        }],
+        "auth": {
+            "type": "access_token",
+            "accessToken": {"displayName": f"bench-token-{digest[32:40]}", "role": "write",
+                            "createdAt": "2026-01-05T09:30:00.000Z"},
+        },
+    }
+
+
 class ApiError(Exception):
     """An error response: HTTP status and the ``error`` message the Hub puts in its body."""
 
@@ -292,9 +332,7 @@ class HuggingFaceEmulator(LoopbackEmulator):
     # Hub ------------------------------------------------------------------------
 
     def _whoami(self, *, user: str, **_) -> dict:
-        return {"type": "user", "id": hashlib.sha1(user.encode()).hexdigest()[:24], "name": user,
-                "fullname": user, "orgs": [], "auth": {"type": "access_token",
-                                                       "accessToken": {"displayName": "emulator", "role": "write"}}}
+        return whoami_profile(user)
 
     def _create_repo(self, *, user: str, body: bytes, **_) -> dict:
         payload = _json_body(body)
@@ -395,8 +433,8 @@ class HuggingFaceEmulator(LoopbackEmulator):
                 "command": spec.get("command"), "arguments": spec.get("arguments"),
                 "environment": spec.get("environment"), "secrets": spec.get("secrets"),
                 "flavor": spec.get("flavor"), "labels": spec.get("labels"),
-                "owner": {"id": hashlib.sha1(job.namespace.encode()).hexdigest()[:24], "name": job.namespace,
-                          "type": "user"},
+                "owner": {"id": whoami_profile(job.namespace)["id"], "name": job.namespace, "type": "user"},
+                "initiator": {"id": whoami_profile(job.namespace)["id"], "name": job.namespace, "type": "user"},
                 "status": {"stage": job.stage, "message": job.message}}
 
     def _job(self, namespace: str, job_id: str) -> EmulatedJob:
