@@ -12,6 +12,15 @@ invokes ``DetectCustomLabels`` with ``MinConfidence=0``, taking the top label.
 the datasets, the project and every object under the case's S3 prefix.
 Project and version carry the tags ``imgbench-run`` and ``imgbench-case``.
 
+Ledger ids: projects, datasets and versions (kind ``model``) are noted by
+ARN, and the case's objects by ``s3://<bucket>/<case prefix>/``;
+``find_leftovers`` names them the same way, so a sweep merges the two
+sources. Before a create request, the project is noted by name and the
+version by ``<project name>/<version name>``; the ARN entry replaces that
+entry once the response arrives. A resumed case reuses a kept version (and
+waits for one still in training); otherwise ``upload`` first deletes
+whatever an earlier attempt of the case left.
+
 Control-plane calls are retried on throttling, HTTP 5xx and dropped
 connections through ``imgbench.retry`` and counted. ``invoke`` runs with
 botocore's retries off, so every throttled invoke is counted by its error
@@ -132,6 +141,9 @@ class RekognitionOptions:
     training_timeout_s: float = 24 * 3600.0
     start_timeout_s: float = 3600.0
     stop_timeout_s: float = 1800.0
+    # How long a sweep waits for a version in training, which Rekognition can
+    # neither stop nor delete, before reporting it and moving on.
+    sweep_training_wait_s: float = 180.0
     upload_workers: int = 8
     # Connections per client: at least the load test's concurrency.
     max_pool_connections: int = 10
@@ -182,7 +194,8 @@ class RekognitionProvider(Provider):
     validates_internally = False
     extra = "aws"
     required_modules = ("boto3",)
-    option_keys = ("bucket", "prefix", "region", "inference_units", "max_inference_units")
+    option_keys = ("bucket", "prefix", "region", "inference_units", "max_inference_units",
+                   "sweep_training_wait_s")
     # NOTE: no list price is recorded because AWS's Rekognition pricing page
     # could not be opened from here; fill it in from
     # https://aws.amazon.com/rekognition/pricing/ (training per hour,
@@ -236,6 +249,8 @@ class RekognitionProvider(Provider):
             max_inference_units=_int_option(option(cls.name, "max_inference_units"), "max_inference_units"),
             poll_interval_s=poll_interval_s,
             max_pool_connections=max(10, bench_config.load.concurrency),
+            sweep_training_wait_s=_seconds_option(option(cls.name, "sweep_training_wait_s", default="180"),
+                                                  "sweep_training_wait_s"),
         )
         credentials = None if run_mode == "live" else (DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY)
         return cls(options, run_mode=run_mode, run_id=bench_config.run_id, credentials=credentials)
@@ -305,6 +320,7 @@ class RekognitionProvider(Provider):
         self._case_prefix = f"{self.options.prefix.strip('/')}/{self.run_prefix}/{training_set.case_id}"
         if self.run_mode != "live":
             self._ensure_bucket()
+        self._delete_earlier_attempt(training_set.case_id)
         self.note_created("s3_prefix", f"s3://{self.options.bucket}/{self._case_prefix}/",
                           bucket=self.options.bucket, prefix=f"{self._case_prefix}/")
         manifests = {}
@@ -332,7 +348,9 @@ class RekognitionProvider(Provider):
                                             "S3KeyPrefix": f"{self._case_prefix}/output"},
                               Tags=self._tags())
         self._version_arn = response["ProjectVersionArn"]
-        self.note_created("model", f"{self._project_name}/{version_name}", version_arn=self._version_arn)
+        self.note_created("model", self._version_arn, project_arn=upload.project_arn, version_name=version_name)
+        # The ARN entry replaces the one noted before the request.
+        self.note_deleted("model", f"{self._project_name}/{version_name}")
         logger.info("Rekognition project version %s created; training", version_name)
         description, polls = self._wait_version(("TRAINING_COMPLETED",), ("TRAINING_FAILED",),
                                                 self.options.training_timeout_s, "training")
@@ -399,77 +417,192 @@ class RekognitionProvider(Provider):
             raise errors[0]
 
     def reuse_model(self, training_set: TrainingSet, details: dict) -> RekognitionModel | None:
+        """Return the version an earlier attempt of this case trained, once it can start; else None.
+
+        A version still in training is waited for on the provider's clock,
+        within ``training_timeout_s``. A running one is stopped first. Entries
+        without a version (project, dataset, S3 objects) return None, and so
+        does a version that failed or no longer exists. In that case
+        ``upload`` deletes what the earlier attempt left.
+        """
         project_arn, version_name = details.get("project_arn"), details.get("version_name")
         if not project_arn or not version_name:
             return None
-        response = self._call("rekognition", "describe_project_versions", ProjectArn=project_arn,
-                              VersionNames=[version_name])
-        descriptions = response.get("ProjectVersionDescriptions") or []
-        if not descriptions or descriptions[0].get("Status") not in ("TRAINING_COMPLETED", "STOPPED"):
+        self._project_arn, self._version_name = project_arn, version_name
+        self._project_name = _project_name_of(project_arn)
+        description = self._describe_version(missing_ok=True)
+        if description is not None:
+            self._version_arn = description["ProjectVersionArn"]
+            description = self._reusable_version(description)
+        if description is None:
+            self._project_arn = self._project_name = self._version_name = self._version_arn = None
             return None
-        description = descriptions[0]
         self._labels = safe_labels(training_set.classes, service="Rekognition Custom Labels",
                                    allowed=r"A-Za-z0-9_\-")
-        self._project_arn, self._version_name = project_arn, version_name
-        self._version_arn = description["ProjectVersionArn"]
-        self._project_name = project_arn.split(":project/", 1)[-1].split("/", 1)[0]
-        self._case_prefix = details.get("prefix", "").rstrip("/") or None
-        self._dataset_arns = dict(details.get("dataset_arns") or {})
+        self._case_prefix = f"{self.options.prefix.strip('/')}/{self.run_prefix}/{training_set.case_id}"
+        found = self._call("rekognition", "describe_projects", ProjectNames=[self._project_name])
+        for project in found.get("ProjectDescriptions") or []:
+            for dataset in project.get("Datasets") or []:
+                self._dataset_arns[dataset["DatasetType"]] = dataset["DatasetArn"]
+        # Teardown deletes the reused resources unless this attempt is interrupted too.
+        for entry in self.ledger.outstanding(self.name, training_set.case_id):
+            if entry.state == "kept":
+                self.ledger.note_state(self.name, entry.kind, entry.resource_id, "created")
         logger.info("reusing Rekognition model %s (%s)", version_name, description["Status"])
         return RekognitionModel(project_arn, self._version_arn, version_name, description["Status"],
                                 description.get("BillableTrainingTimeInSeconds"),
                                 (description.get("EvaluationResult") or {}).get("F1Score"), 0)
 
+    def _reusable_version(self, description: dict) -> dict | None:
+        """Bring an earlier attempt's version to TRAINING_COMPLETED or STOPPED; return None when it cannot be."""
+        status = description.get("Status")
+        if status == "TRAINING_IN_PROGRESS":
+            logger.info("Rekognition model %s of an earlier attempt is still training; waiting for it (at most "
+                        "%.0f s)", self._version_name, self.options.training_timeout_s)
+            try:
+                description, _ = self._wait_version(("TRAINING_COMPLETED",), ("TRAINING_FAILED",),
+                                                    self.options.training_timeout_s, "training")
+            except TrainingFailedError as exc:
+                logger.warning("not reusing Rekognition model %s: %s", self._version_name, exc)
+                return None
+        elif status in ("RUNNING", "STARTING", "STOPPING"):
+            description = self._stop_version()
+        if description is None or description.get("Status") not in ("TRAINING_COMPLETED", "STOPPED"):
+            logger.info("not reusing Rekognition model %s of an earlier attempt: it is %s", self._version_name,
+                        None if description is None else description.get("Status"))
+            return None
+        return description
+
     # Leftovers -------------------------------------------------------------------------
 
     @classmethod
     def find_leftovers(cls, bench_config: Any, run_marker: str | None) -> list[Leftover]:
+        """List the projects, datasets, versions and case S3 prefixes of run ``run_marker`` (any run when None).
+
+        Ids are the ones the ledger uses: ARNs, and ``s3://<bucket>/<prefix>/<run prefix>/<case id>/``.
+        """
         provider = cls.from_config(bench_config)
-        prefix = f"imgbench-{run_marker}" if run_marker else "imgbench-"
+        run_prefix = f"imgbench-{run_marker}" if run_marker else None
         found = []
         for project in provider._paginate("rekognition", "describe_projects", "ProjectDescriptions"):
             arn = project["ProjectArn"]
-            name = arn.split(":project/", 1)[-1].split("/", 1)[0]
-            tags = provider._call("rekognition", "list_tags_for_resource", ResourceArn=arn).get("Tags") or {}
+            name = _project_name_of(arn)
+            tags = provider._call("rekognition", "list_tags_for_resource", ResourceArn=arn,
+                                  missing_ok=True).get("Tags") or {}
             run = tags.get(RUN_TAG)
-            if name.startswith(prefix) or (run and run.startswith(prefix)):
-                found.append(Leftover(cls.name, "project", arn, run or name, (("name", name),)))
+            if run_prefix is not None:
+                if run != run_prefix and not name.startswith(f"{run_prefix}-"):
+                    continue
+            elif not (name.startswith("imgbench-") or (run or "").startswith("imgbench-")):
+                continue
+            found.extend(provider._project_leftovers(project, run or name))
         if provider.options.bucket:
-            object_prefix = f"{provider.options.prefix.strip('/')}/{prefix}"
-            keys = [item["Key"] for item in provider._paginate("s3", "list_objects_v2", "Contents",
-                                                               Bucket=provider.options.bucket, Prefix=object_prefix)]
-            if keys:
-                found.append(Leftover(cls.name, "s3_prefix", f"s3://{provider.options.bucket}/{object_prefix}",
-                                      prefix, (("objects", str(len(keys))),)))
+            found.extend(provider._object_leftovers(run_prefix))
         return found
+
+    def _project_leftovers(self, project: dict, marker: str) -> list[Leftover]:
+        """Return a project, its datasets and its versions as leftovers."""
+        arn = project["ProjectArn"]
+        name = _project_name_of(arn)
+        found = [Leftover(self.name, "project", arn, marker, (("name", name),))]
+        for dataset in project.get("Datasets") or []:
+            found.append(Leftover(self.name, "dataset", dataset["DatasetArn"], marker,
+                                  (("dataset_type", str(dataset.get("DatasetType"))), ("project", name))))
+        for version in self._paginate("rekognition", "describe_project_versions", "ProjectVersionDescriptions",
+                                      ProjectArn=arn):
+            version_arn = version["ProjectVersionArn"]
+            found.append(Leftover(self.name, "model", version_arn, marker,
+                                  (("project_arn", arn), ("status", str(version.get("Status"))),
+                                   ("version_name", _version_name_of(version_arn)))))
+        return found
+
+    def _object_leftovers(self, run_prefix: str | None) -> list[Leftover]:
+        """Return the S3 objects of imgbench runs grouped by case prefix (by run prefix for loose objects)."""
+        base = self.options.prefix.strip("/")
+        keys = [item["Key"] for item in self._paginate("s3", "list_objects_v2", "Contents", Bucket=self.options.bucket,
+                                                       Prefix=f"{base}/{run_prefix or 'imgbench-'}")]
+        groups: dict[tuple[str, ...], int] = {}
+        for key in keys:
+            parts = key[len(base) + 1:].split("/")
+            if run_prefix is not None and parts[0] != run_prefix:
+                continue
+            group = tuple(parts[:2]) if len(parts) >= 3 else tuple(parts[:1])
+            groups[group] = groups.get(group, 0) + 1
+        return [Leftover(self.name, "s3_prefix", f"s3://{self.options.bucket}/{base}/{'/'.join(group)}/", group[0],
+                         (("objects", str(count)),))
+                for group, count in sorted(groups.items())]
 
     @classmethod
     def delete_leftover(cls, bench_config: Any, leftover: Leftover) -> None:
+        """Delete one project (with its versions and datasets), dataset, version or S3 prefix.
+
+        A project or version may be named by ARN or, as noted before its
+        create request, by name. A version in training is waited for at most
+        ``sweep_training_wait_s``, because Rekognition can neither stop nor
+        delete it, and then reported as still training.
+        """
         provider = cls.from_config(bench_config)
-        if leftover.kind == "project":
-            provider._project_arn = leftover.resource_id
-            versions = provider._paginate("rekognition", "describe_project_versions", "ProjectVersionDescriptions",
-                                          ProjectArn=leftover.resource_id)
-            for version in versions:
-                provider._version_arn = version["ProjectVersionArn"]
-                provider._version_name = version["ProjectVersionArn"].split("/version/", 1)[1].split("/", 1)[0]
-                provider._remove_version()
-            project = provider._call("rekognition", "describe_projects",
-                                     ProjectNames=[dict(leftover.details).get("name", "")])
-            for description in project.get("ProjectDescriptions") or []:
-                for dataset in description.get("Datasets") or []:
-                    provider._dataset_arns[dataset["DatasetType"]] = dataset["DatasetArn"]
-            for dataset_type in list(provider._dataset_arns):
-                provider._delete_dataset(dataset_type)
-            provider._delete_project()
-        elif leftover.kind == "s3_prefix":
-            bucket, _, prefix = leftover.resource_id.removeprefix("s3://").partition("/")
-            if not prefix.split("/")[-1].startswith("imgbench-"):
-                raise ConfigError(f"invalid leftover prefix s3://{bucket}/{prefix}: its last part must be a run "
-                                  "prefix that starts with 'imgbench-'; nothing was deleted")
-            provider._delete_prefix(bucket, prefix)
+        kind, resource_id = leftover.kind, leftover.resource_id
+        if kind == "project":
+            provider._sweep_project(resource_id, provider.options.sweep_training_wait_s)
+        elif kind == "dataset":
+            if not resource_id.startswith("arn:"):
+                raise ConfigError(f"invalid dataset leftover {resource_id!r}: expected a Rekognition dataset ARN; "
+                                  "nothing was deleted")
+            provider._call("rekognition", "delete_dataset", DatasetArn=resource_id, missing_ok=True)
+        elif kind == "model":
+            provider._sweep_version(resource_id, dict(leftover.details).get("project_arn"))
+        elif kind == "s3_prefix":
+            bucket, _, prefix = resource_id.removeprefix("s3://").partition("/")
+            parts = prefix.rstrip("/").split("/")
+            if not bucket or not (parts[-1].startswith("imgbench-") or
+                                  (len(parts) >= 2 and parts[-2].startswith("imgbench-"))):
+                raise ConfigError(f"invalid leftover prefix s3://{bucket}/{prefix}: it must end in a run prefix "
+                                  "that starts with 'imgbench-', or in a case folder under one; nothing was deleted")
+            provider._delete_prefix(bucket, prefix.rstrip("/") + "/")
         else:
-            raise ConfigError(f"unknown AWS leftover kind {leftover.kind!r}; valid kinds: project, s3_prefix")
+            raise ConfigError(f"unknown AWS leftover kind {kind!r}; valid kinds: dataset, model, project, s3_prefix")
+
+    def _sweep_project(self, resource_id: str, training_wait_s: float | None) -> None:
+        """Delete a project named by ARN or name, after its versions and datasets.
+
+        ``training_wait_s`` bounds the wait for a version in training (None: ``training_timeout_s``).
+        """
+        name = _project_name_of(resource_id) if resource_id.startswith("arn:") else resource_id
+        found = self._call("rekognition", "describe_projects", ProjectNames=[name])
+        for project in found.get("ProjectDescriptions") or []:
+            if resource_id.startswith("arn:") and project["ProjectArn"] != resource_id:
+                continue
+            self._project_arn, self._project_name = project["ProjectArn"], name
+            for version in self._paginate("rekognition", "describe_project_versions", "ProjectVersionDescriptions",
+                                          ProjectArn=self._project_arn):
+                self._version_arn = version["ProjectVersionArn"]
+                self._version_name = _version_name_of(self._version_arn)
+                self._remove_version(training_wait_s)
+            for dataset in project.get("Datasets") or []:
+                self._dataset_arns[dataset["DatasetType"]] = dataset["DatasetArn"]
+            for dataset_type in list(self._dataset_arns):
+                self._delete_dataset(dataset_type)
+            self._delete_project()
+
+    def _sweep_version(self, resource_id: str, project_arn: str | None) -> None:
+        """Delete a version named by ARN or by ``<project name>/<version name>``."""
+        if resource_id.startswith("arn:"):
+            project_name, version_name = _project_name_of(resource_id), _version_name_of(resource_id)
+        else:
+            project_name, _, version_name = resource_id.partition("/")
+        if not project_arn:
+            found = self._call("rekognition", "describe_projects", ProjectNames=[project_name])
+            arns = [project["ProjectArn"] for project in found.get("ProjectDescriptions") or []]
+            if not arns:
+                return
+            project_arn = arns[0]
+        self._project_arn, self._project_name, self._version_name = project_arn, project_name, version_name
+        description = self._describe_version(missing_ok=True)
+        if description is None:
+            return
+        self._version_arn = description["ProjectVersionArn"]
+        self._remove_version(self.options.sweep_training_wait_s)
 
     # Steps: upload ------------------------------------------------------------------------
 
@@ -508,7 +641,9 @@ class RekognitionProvider(Provider):
         self.note_created("project", self._project_name)
         response = self._call("rekognition", "create_project", ProjectName=self._project_name, Tags=self._tags())
         self._project_arn = response["ProjectArn"]
-        self.note_created("project", self._project_name, project_arn=self._project_arn)
+        self.note_created("project", self._project_arn, name=self._project_name)
+        # The ARN entry replaces the one noted before the request.
+        self.note_deleted("project", self._project_name)
         logger.info("Rekognition project %s created", self._project_name)
 
     def _create_dataset(self, dataset_type: str, manifest_key: str) -> None:
@@ -540,9 +675,9 @@ class RekognitionProvider(Provider):
 
     # Steps: versions -------------------------------------------------------------------------
 
-    def _describe_version(self) -> dict | None:
+    def _describe_version(self, missing_ok: bool = False) -> dict | None:
         response = self._call("rekognition", "describe_project_versions", ProjectArn=self._project_arn,
-                              VersionNames=[self._version_name])
+                              VersionNames=[self._version_name], missing_ok=missing_ok)
         descriptions = response.get("ProjectVersionDescriptions") or []
         return descriptions[0] if descriptions else None
 
@@ -587,37 +722,70 @@ class RekognitionProvider(Provider):
             description, _ = self._wait_version(("STOPPED",), ("FAILED",), self.options.stop_timeout_s, "model stop")
         return description
 
-    def _remove_version(self) -> None:
+    def _remove_version(self, training_wait_s: float | None = None) -> None:
+        """Stop and delete the version, waiting for a training one to end (``training_timeout_s`` by default)."""
         if self._version_arn is None:
-            return
+            if self._version_name is None or self._project_arn is None:
+                return
+            # The create request was sent but its response never came: look the version up by name.
+            found = self._describe_version(missing_ok=True)
+            if found is None:
+                self.note_deleted("model", f"{self._project_name}/{self._version_name}")
+                return
+            self._version_arn = found["ProjectVersionArn"]
         description = self._stop_version()
-        if description is None:
-            self.note_deleted("model", f"{self._project_name}/{self._version_name}")
-            self._version_arn = None
-            return
-        if description.get("Status") == "TRAINING_IN_PROGRESS":
-            # Rekognition has no call that cancels training, and a version in training cannot be deleted.
-            logger.warning("Rekognition project version %s is still training; teardown waits for it to end "
-                           "(at most %.0f s) before deleting it", self._version_name, self.options.training_timeout_s)
-            description, _ = self._wait_version(("TRAINING_COMPLETED", "TRAINING_FAILED"), (),
-                                                self.options.training_timeout_s, "training before deletion")
-        self._call("rekognition", "delete_project_version", ProjectVersionArn=self._version_arn,
-                   missing_ok=True)
+        if description is not None and description.get("Status") == "TRAINING_IN_PROGRESS":
+            self._wait_training_end(training_wait_s)
+        if description is not None:
+            self._call("rekognition", "delete_project_version", ProjectVersionArn=self._version_arn,
+                       missing_ok=True)
+            logger.info("Rekognition project version %s deleted", self._version_name)
+        self.note_deleted("model", self._version_arn)
         self.note_deleted("model", f"{self._project_name}/{self._version_name}")
-        logger.info("Rekognition project version %s deleted", self._version_name)
         self._version_arn = None
+
+    def _wait_training_end(self, wait_s: float | None) -> None:
+        """Wait for training to end, because a version in training can be neither stopped nor deleted."""
+        sweeping = wait_s is not None
+        wait_s = self.options.training_timeout_s if wait_s is None else wait_s
+        logger.warning("Rekognition project version %s is still training; waiting for it to end (at most %.0f s) "
+                       "before deleting it", self._version_name, wait_s)
+        try:
+            self._wait_version(("TRAINING_COMPLETED", "TRAINING_FAILED"), (), wait_s, "training before deletion")
+        except ProviderTimeoutError as exc:
+            if not sweeping:
+                raise
+            raise ProviderTimeoutError(
+                f"Rekognition project version {self._version_arn} is still training after {wait_s:.0f} s; "
+                "Rekognition cannot stop or delete a version in training, so sweep again later (or raise "
+                "--provider-option aws.sweep_training_wait_s)") from exc
 
     def _keep_model(self, errors: list[Exception]) -> None:
         """Stop the model but keep project, datasets, version and objects for a resumed run."""
         self._run_step(errors, self._stop_version)
-        self.note_kept("model", f"{self._project_name}/{self._version_name}", project_arn=self._project_arn,
-                       version_arn=self._version_arn, version_name=self._version_name,
-                       dataset_arns=dict(self._dataset_arns), prefix=f"{self._case_prefix}/")
-        for kind, resource_id in (("project", self._project_name),
+        self.note_kept("model", self._version_arn, project_arn=self._project_arn, version_name=self._version_name)
+        for kind, resource_id in (("project", self._project_arn),
                                   ("s3_prefix", f"s3://{self.options.bucket}/{self._case_prefix}/"),
                                   *(("dataset", arn) for arn in self._dataset_arns.values())):
             self.note_kept(kind, resource_id)
-        logger.info("Rekognition model %s stopped and kept for a resumed run", self._version_name)
+        logger.info("Rekognition model %s stopped (or left training) and kept for a resumed run", self._version_name)
+
+    def _delete_earlier_attempt(self, case_id: str) -> None:
+        """Delete the project, datasets, versions and S3 objects an earlier attempt of this case left.
+
+        Runs only when the ledger lists outstanding entries of the case, so a
+        fresh run sends no extra requests (and replays its cassette as
+        recorded).
+        """
+        earlier = self.ledger.outstanding(self.name, case_id)
+        if not earlier:
+            return
+        logger.info("deleting what an earlier attempt of case %s left (%d ledger entries)", case_id, len(earlier))
+        self._sweep_project(f"{self.run_prefix}-{case_id}", None)
+        self._project_arn = self._project_name = self._version_arn = self._version_name = None
+        self._delete_prefix(self.options.bucket, f"{self._case_prefix}/")
+        for entry in earlier:
+            self.note_deleted(entry.kind, entry.resource_id)
 
     # Steps: deletion ---------------------------------------------------------------------------
 
@@ -635,9 +803,13 @@ class RekognitionProvider(Provider):
                 for description in found.get("ProjectDescriptions") or []:
                     self._project_arn = description["ProjectArn"]
             if self._project_arn is None:
+                if self._project_name is not None:
+                    self.note_deleted("project", self._project_name)
                 return
         self._call("rekognition", "delete_project", ProjectArn=self._project_arn, missing_ok=True)
-        self.note_deleted("project", self._project_name or self._project_arn)
+        self.note_deleted("project", self._project_arn)
+        if self._project_name is not None:
+            self.note_deleted("project", self._project_name)
         logger.info("Rekognition project %s deleted", self._project_name)
         self._project_arn = None
 
@@ -817,6 +989,26 @@ def _int_option(value: str | None, key: str) -> int | None:
         return int(value)
     except ValueError:
         raise ConfigError(f"invalid aws.{key} {value!r}; use a whole number such as 1") from None
+
+
+def _seconds_option(value: str, key: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"invalid aws.{key} {value!r}; use a number of seconds such as 180") from None
+    if seconds < 0:
+        raise ConfigError(f"invalid aws.{key} {value!r}; use 0 or more seconds")
+    return seconds
+
+
+def _project_name_of(arn: str) -> str:
+    """Return the project name in a project, dataset or version ARN (``...:project/<name>/...``)."""
+    return arn.split(":project/", 1)[-1].split("/", 1)[0]
+
+
+def _version_name_of(arn: str) -> str:
+    """Return the version name in a version ARN (``...:project/<name>/version/<version>/<stamp>``)."""
+    return arn.split("/version/", 1)[-1].split("/", 1)[0]
 
 
 def _error_code(exc) -> str:

@@ -269,7 +269,8 @@ def test_keep_model_stops_and_keeps(emulator, clock, bucket, mini_datasets, tmp_
 
     assert emulator.version_states() == {model.version_arn: "STOPPED"}
     assert set(kept) == {"model", "project", "dataset", "s3_prefix"}
-    assert kept["model"].details["version_arn"] == model.version_arn
+    assert kept["model"].resource_id == model.version_arn
+    assert kept["project"].resource_id == model.project_arn
 
     resumed = make_provider(emulator, clock, bucket)
     reused = resumed.reuse_model(cases, kept["model"].details)
@@ -295,7 +296,9 @@ def test_leftovers_found_by_run_and_deleted(emulator, clock, bucket, mini_datase
     for leftover in leftovers:
         RekognitionProvider.delete_leftover(config, leftover)
 
-    assert sorted(leftover.kind for leftover in leftovers) == ["project", "s3_prefix"]
+    assert sorted(leftover.kind for leftover in leftovers) == ["dataset", "dataset", "model", "project", "s3_prefix"]
+    assert [leftover.resource_id for leftover in leftovers if leftover.kind == "s3_prefix"] == [
+        f"s3://{bucket}/imgbench/imgbench-{RUN_ID}/aws-beans-test/"]
     assert all(leftover.run_marker for leftover in leftovers)
     assert_nothing_left(emulator, bucket)
     assert RekognitionProvider.find_leftovers(config, RUN_ID) == []

@@ -111,6 +111,10 @@ class EmulatedVersion:
     billable_training_s: int | None = None
     training_end: float | None = None
     f1_score: float | None = None
+    # The datasets' entries when training started, so deleting a dataset
+    # during training does not change what the version learns.
+    train_entries: list[DatasetEntry] = field(default_factory=list)
+    test_entries: list[DatasetEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -439,7 +443,9 @@ class RekognitionEmulator:
                                        f"project {project.arn} has no {dataset_type} dataset in CREATE_COMPLETE")
         arn = f"{project.arn.rsplit('/', 1)[0]}/version/{name}/{self._next_number()}"
         self._versions[arn] = EmulatedVersion(arn, project.arn, name, self._time(), dict(output),
-                                              polls_left=self.training_polls)
+                                              polls_left=self.training_polls,
+                                              train_entries=list(self._datasets[project.datasets["TRAIN"]].entries),
+                                              test_entries=list(self._datasets[project.datasets["TEST"]].entries))
         project.versions[name] = arn
         self._tags[arn] = dict(request.get("Tags") or {})
         return {"ProjectVersionArn": arn}
@@ -462,13 +468,12 @@ class RekognitionEmulator:
             self._train(version)
 
     def _train(self, version: EmulatedVersion) -> None:
-        project = self._projects[version.project_arn]
-        train = self._datasets[project.datasets["TRAIN"]].entries
+        train = version.train_entries
         by_label: dict[str, list[np.ndarray]] = {}
         for entry in train:
             by_label.setdefault(entry.label, []).append(entry.histogram)
         version.centroids = {label: np.mean(rows, axis=0) for label, rows in sorted(by_label.items())}
-        test = self._datasets[project.datasets["TEST"]].entries
+        test = version.test_entries
         version.f1_score = _macro_f1([(entry.label, _nearest(version.centroids, entry.histogram)) for entry in test])
         version.status = "TRAINING_COMPLETED"
         version.status_message = "The model is ready to run."
@@ -653,6 +658,10 @@ def _json_body(body: bytes) -> dict:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "imgbench-aws-emulator"
+    # Both paths (Rekognition JSON and moto's S3 app) write the headers and the
+    # body separately. With Nagle's algorithm, the client's delayed ACK would
+    # hold the body back by about 40 ms on every keep-alive response.
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
         self._dispatch()
