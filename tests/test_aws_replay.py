@@ -10,19 +10,17 @@ images) in ``IMGBENCH_DATASETS_DIR`` and are skipped where it is unset.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
 
 from imgbench.clock import ReplayClock
-from imgbench.datasets import DATASETS_DIR_ENV
 from imgbench.emulators.aws import ACCOUNT_ID, RekognitionEmulator
 from imgbench.recording import block_network, meta_path, scan_for_secrets, use_case_cassette
-from imgbench.results import iter_records
 from providers.aws import RekognitionOptions, RekognitionProvider
-from tests.conftest import REPO_ROOT, run_benchmark
+from tests.conftest import REPO_ROOT
+from tests.replayrun import replay_committed
 from tests.test_aws import beans_records, training_set
 
 CASSETTE_DIR = REPO_ROOT / "cassettes" / "aws"
@@ -94,17 +92,7 @@ def test_committed_cassette_is_scrubbed(case_id):
 
 @pytest.fixture(scope="module")
 def replay_run(shared_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    datasets_dir = os.environ.get(DATASETS_DIR_ENV)
-    if not datasets_dir:
-        pytest.skip(f"{DATASETS_DIR_ENV} is unset; the committed cassettes replay only on the full beans "
-                    f"dataset, so point {DATASETS_DIR_ENV} at a folder that holds beans/<split>/<class>/<image>")
-    results = tmp_path_factory.mktemp("aws-replay") / "results.json"
-    completed = run_benchmark(["--providers", "aws", "--datasets", "beans", "--ablations", "5,20",
-                               "--datasets-dir", datasets_dir, "--results", str(results)], shared_cache_dir)
-    records = {}
-    if results.is_file():
-        records = {record["case_id"]: record for record in iter_records(json.loads(results.read_text()))}
-    return completed, records
+    return replay_committed("aws", tmp_path_factory.mktemp("aws-replay"), shared_cache_dir)
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ needs ``IMGBENCH_DATASETS_DIR`` and is skipped where that is unset.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,11 @@ import requests
 import yaml
 
 from imgbench.clock import ReplayClock
-from imgbench.datasets import DATASETS_DIR_ENV
 from imgbench.emulators.huggingface import HuggingFaceEmulator, whoami_profile
 from imgbench.recording import REDACTED, block_network, meta_path, scan_for_secrets, use_case_cassette
-from imgbench.results import iter_records
 from providers.huggingface import HuggingFaceOptions, HuggingFaceProvider
-from tests.conftest import REPO_ROOT, run_benchmark
+from tests.conftest import REPO_ROOT
+from tests.replayrun import replay_committed
 from tests.test_huggingface import beans_records, training_set
 
 CASSETTE_DIR = REPO_ROOT / "cassettes" / "huggingface"
@@ -157,17 +155,7 @@ def test_replay_reproduces_predictions(recorded, mini_datasets):
 
 @pytest.fixture(scope="module")
 def replay_run(shared_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    datasets_dir = os.environ.get(DATASETS_DIR_ENV)
-    if not datasets_dir:
-        pytest.skip(f"{DATASETS_DIR_ENV} is unset; the committed cassettes replay only on the full beans "
-                    f"dataset, so point {DATASETS_DIR_ENV} at a folder that holds beans/<split>/<class>/<image>")
-    results = tmp_path_factory.mktemp("replay") / "results.json"
-    completed = run_benchmark(["--providers", "huggingface", "--datasets", "beans", "--ablations", "5,20",
-                               "--datasets-dir", datasets_dir, "--results", str(results)], shared_cache_dir)
-    records = {}
-    if results.is_file():
-        records = {record["case_id"]: record for record in iter_records(json.loads(results.read_text()))}
-    return completed, records
+    return replay_committed("huggingface", tmp_path_factory.mktemp("replay"), shared_cache_dir)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from imgbench.datasets import DATASETS_DIR_ENV
 from imgbench.recording import meta_path
 from imgbench.results import iter_records
 from tests.conftest import REPO_ROOT, run_benchmark
+from tests.replayrun import replay_committed
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +29,7 @@ CASES = ("nyckel-beans-5", "nyckel-beans-20")
 
 @pytest.fixture(scope="module")
 def replay_run(shared_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    datasets_dir = os.environ.get(DATASETS_DIR_ENV)
-    if not datasets_dir:
-        pytest.skip(f"{DATASETS_DIR_ENV} is unset; the committed cassettes replay only on the full beans "
-                    f"dataset, so point {DATASETS_DIR_ENV} at a folder that holds beans/<split>/<class>/<image>")
-    results = tmp_path_factory.mktemp("replay") / "results.json"
-    completed = run_benchmark(["--providers", "nyckel", "--datasets", "beans", "--ablations", "5,20",
-                               "--datasets-dir", datasets_dir, "--results", str(results)], shared_cache_dir)
-    records = {}
-    if results.is_file():
-        records = {record["case_id"]: record for record in iter_records(json.loads(results.read_text()))}
-    return completed, records
+    return replay_committed("nyckel", tmp_path_factory.mktemp("replay"), shared_cache_dir)
 
 
 def test_replay_run_passes(replay_run):

@@ -10,15 +10,13 @@ predictions stored in its cassette's sidecar file exactly, in test-set order.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from imgbench.datasets import DATASETS_DIR_ENV
 from imgbench.recording import meta_path
-from imgbench.results import iter_records
-from tests.conftest import REPO_ROOT, run_benchmark
+from tests.conftest import REPO_ROOT
+from tests.replayrun import replay_committed
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +26,7 @@ CASES = ("vertex-beans-5", "vertex-beans-20")
 
 @pytest.fixture(scope="module")
 def replay_run(shared_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    datasets_dir = os.environ.get(DATASETS_DIR_ENV)
-    if not datasets_dir:
-        pytest.skip(f"{DATASETS_DIR_ENV} is unset; the committed cassettes replay only on the full beans "
-                    f"dataset, so point {DATASETS_DIR_ENV} at a folder that holds beans/<split>/<class>/<image>")
-    results = tmp_path_factory.mktemp("vertex-replay") / "results.json"
-    completed = run_benchmark(["--providers", "vertex", "--datasets", "beans", "--ablations", "5,20",
-                               "--datasets-dir", datasets_dir, "--results", str(results)], shared_cache_dir)
-    records = {}
-    if results.is_file():
-        records = {record["case_id"]: record for record in iter_records(json.loads(results.read_text()))}
-    return completed, records
+    return replay_committed("vertex", tmp_path_factory.mktemp("vertex-replay"), shared_cache_dir)
 
 
 def test_vertex_replay_run_passes(replay_run):
