@@ -172,6 +172,11 @@ def test_sigterm_at_step(cloud, step, nyckel, tmp_path, shared_cache_dir):
         # Teardown after an interrupt deletes everything but a trained model kept for a resumed run.
         outstanding = run.ledger().outstanding()
         assert [entry for entry in outstanding if entry.state != "kept"] == []
+    if step == "upload":
+        assert outstanding == []
+    if step in ("deploy", "invoke"):
+        # The signal came after training, so the trained model is kept.
+        assert ("model", "kept") in {(entry.kind, entry.state) for entry in outstanding}
     assert_ledger_lists_leftovers(faults, emulator, run)
     sweep_to_zero(faults, nyckel, emulator, run)
 
