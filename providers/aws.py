@@ -225,6 +225,8 @@ class RekognitionProvider(Provider):
         self._project_name: str | None = None
         self._project_arn: str | None = None
         self._dataset_arns: dict[str, str] = {}
+        # Dataset types whose CreateDataset request was sent but whose response has not come.
+        self._unanswered_dataset_types: set[str] = set()
         self._version_name: str | None = None
         self._version_arn: str | None = None
         self._case_prefix: str | None = None
@@ -409,6 +411,7 @@ class RekognitionProvider(Provider):
             self._keep_model(errors)
         else:
             self._run_step(errors, self._remove_version)
+            self._run_step(errors, self._find_unanswered_datasets)
             for dataset_type in list(self._dataset_arns):
                 self._run_step(errors, lambda dataset_type=dataset_type: self._delete_dataset(dataset_type))
             self._run_step(errors, self._delete_project)
@@ -647,11 +650,22 @@ class RekognitionProvider(Provider):
         logger.info("Rekognition project %s created", self._project_name)
 
     def _create_dataset(self, dataset_type: str, manifest_key: str) -> None:
-        response = self._call("rekognition", "create_dataset", ProjectArn=self._project_arn, DatasetType=dataset_type,
-                              DatasetSource={"GroundTruthManifest": {"S3Object": {
-                                  "Bucket": self.options.bucket, "Name": manifest_key}}},
-                              Tags=self._tags())
+        self._unanswered_dataset_types.add(dataset_type)
+        try:
+            response = self._call("rekognition", "create_dataset", ProjectArn=self._project_arn,
+                                  DatasetType=dataset_type,
+                                  DatasetSource={"GroundTruthManifest": {"S3Object": {
+                                      "Bucket": self.options.bucket, "Name": manifest_key}}},
+                                  Tags=self._tags())
+        except Exception:
+            # An error response means the service created no dataset, so only an interrupt (a
+            # KeyboardInterrupt, not an Exception) leaves the type for teardown to look up.
+            # NOTE: a connection lost after the request was sent may still have created one. The sweep
+            # command then deletes it with the project.
+            self._unanswered_dataset_types.discard(dataset_type)
+            raise
         self._dataset_arns[dataset_type] = response["DatasetArn"]
+        self._unanswered_dataset_types.discard(dataset_type)
         self.note_created("dataset", response["DatasetArn"], project=self._project_name, dataset_type=dataset_type)
 
     def _wait_dataset(self, dataset_type: str, arn: str) -> None:
@@ -788,6 +802,21 @@ class RekognitionProvider(Provider):
             self.note_deleted(entry.kind, entry.resource_id)
 
     # Steps: deletion ---------------------------------------------------------------------------
+
+    def _find_unanswered_datasets(self) -> None:
+        """Look up the datasets whose create request was sent but whose response never came.
+
+        An interrupt during CreateDataset leaves a dataset the provider has no
+        ARN for, and the project cannot be deleted while it exists.
+        """
+        if not self._unanswered_dataset_types or self._project_arn is None:
+            return
+        found = self._call("rekognition", "describe_projects", ProjectNames=[self._project_name])
+        for project in found.get("ProjectDescriptions") or []:
+            for dataset in project.get("Datasets") or []:
+                if dataset["DatasetType"] in self._unanswered_dataset_types:
+                    self._dataset_arns[dataset["DatasetType"]] = dataset["DatasetArn"]
+        self._unanswered_dataset_types.clear()
 
     def _delete_dataset(self, dataset_type: str) -> None:
         arn = self._dataset_arns[dataset_type]

@@ -1,8 +1,11 @@
-"""Helpers that run ``pytest bench_tests`` against the Nyckel emulator in a child process.
+"""Helpers that run ``pytest bench_tests`` against provider emulators in a child process.
 
-Fault-injection tests start the run with ``subprocess.Popen`` so that the
+Fault-injection tests start the run with ``subprocess.Popen`` so that an
 emulator can signal or kill it (or its pytest-xdist worker) when a request
-reaches a chosen route.
+reaches a chosen route. Every helper takes one emulator or a sequence of
+them (Nyckel, AWS, Vertex AI, Hugging Face). Each emulator selects its
+provider, and its URL goes to the run as ``--<provider>-url`` and to the
+sweep command as ``--service-url <provider>=URL``.
 """
 
 from __future__ import annotations
@@ -12,10 +15,15 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
+from imgbench.emulators.aws import RekognitionEmulator
+from imgbench.emulators.huggingface import HuggingFaceEmulator
 from imgbench.emulators.nyckel import NyckelEmulator
+from imgbench.emulators.vertex import VertexEmulator
 from imgbench.interrupts import child_pids
 from imgbench.ledger import RunLedger, ledger_path
 from imgbench.results import iter_records
@@ -23,6 +31,15 @@ from tests.conftest import CREDENTIAL_VARIABLES, MINI_DATASETS, REPO_ROOT
 
 # Wall-time limit of one benchmark run in these tests, in seconds.
 RUN_TIMEOUT_S = 180
+# Wall-time limit of one sweep command, in seconds.
+SWEEP_TIMEOUT_S = 120
+
+# The provider that each emulator class emulates.
+PROVIDER_OF_EMULATOR = {NyckelEmulator: "nyckel", RekognitionEmulator: "aws", VertexEmulator: "vertex",
+                        HuggingFaceEmulator: "huggingface"}
+
+Emulator = Union[NyckelEmulator, RekognitionEmulator, VertexEmulator, HuggingFaceEmulator]
+Emulators = Union[Emulator, Sequence[Emulator]]
 
 
 @dataclass
@@ -50,19 +67,46 @@ def bench_environment(cache_dir: Path) -> dict[str, str]:
     return environment
 
 
-def bench_command(emulator: NyckelEmulator, results: Path, run_id: str, *extra: str, ablations: str = "5") -> list[str]:
-    return [sys.executable, "-m", "pytest", "bench_tests", "-p", "no:cacheprovider", "--providers", "nyckel",
-            "--nyckel-url", emulator.url, "--datasets-dir", str(MINI_DATASETS), "--datasets", "beans",
-            "--ablations", ablations, "--load-requests", "10", "--load-concurrency", "2",
+def provider_urls(emulators: Emulators) -> dict[str, str]:
+    """Map each emulator's provider name to its URL, in the order given."""
+    if not isinstance(emulators, Sequence):
+        emulators = [emulators]
+    urls = {}
+    for emulator in emulators:
+        provider = PROVIDER_OF_EMULATOR.get(type(emulator))
+        if provider is None:
+            raise TypeError(f"no provider runs against {type(emulator).__name__}; pass one of "
+                            f"{', '.join(cls.__name__ for cls in PROVIDER_OF_EMULATOR)}")
+        urls[provider] = emulator.url
+    return urls
+
+
+def bench_command(emulators: Emulators, results: Path, run_id: str, *extra: str, ablations: str = "5",
+                  load_requests: int = 10, provider_options: Sequence[str] = ()) -> list[str]:
+    """Build the ``pytest bench_tests`` command of a run against ``emulators`` on the mini datasets.
+
+    ``provider_options`` are ``PROVIDER.KEY=VALUE`` settings, each passed as ``--provider-option``.
+    """
+    urls = provider_urls(emulators)
+    command = [sys.executable, "-m", "pytest", "bench_tests", "-p", "no:cacheprovider",
+               "--providers", ",".join(urls)]
+    for provider, url in urls.items():
+        command += [f"--{provider}-url", url]
+    for option in provider_options:
+        command += ["--provider-option", option]
+    return [*command, "--datasets-dir", str(MINI_DATASETS), "--datasets", "beans", "--ablations", ablations,
+            "--load-requests", str(load_requests), "--load-concurrency", "2",
             "--results", str(results), "--run-id", run_id, *extra]
 
 
-def start_benchmark(emulator: NyckelEmulator, results: Path, run_id: str, cache_dir: Path, *extra: str,
-                    ablations: str = "5") -> subprocess.Popen:
+def start_benchmark(emulators: Emulators, results: Path, run_id: str, cache_dir: Path, *extra: str,
+                    ablations: str = "5", load_requests: int = 10,
+                    provider_options: Sequence[str] = ()) -> subprocess.Popen:
     """Start a benchmark run in its own session, so signals sent to it reach no other process."""
-    return subprocess.Popen(bench_command(emulator, results, run_id, *extra, ablations=ablations), cwd=REPO_ROOT,
-                            env=bench_environment(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    command = bench_command(emulators, results, run_id, *extra, ablations=ablations, load_requests=load_requests,
+                            provider_options=provider_options)
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=bench_environment(cache_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def finish(process: subprocess.Popen, results: Path, run_id: str) -> BenchRun:
@@ -75,10 +119,12 @@ def finish(process: subprocess.Popen, results: Path, run_id: str) -> BenchRun:
     return BenchRun(process.returncode, output, results, run_id)
 
 
-def run_benchmark_against(emulator: NyckelEmulator, results: Path, run_id: str, cache_dir: Path, *extra: str,
-                          ablations: str = "5") -> BenchRun:
-    return finish(start_benchmark(emulator, results, run_id, cache_dir, *extra, ablations=ablations),
-                  results, run_id)
+def run_benchmark_against(emulators: Emulators, results: Path, run_id: str, cache_dir: Path, *extra: str,
+                          ablations: str = "5", load_requests: int = 10,
+                          provider_options: Sequence[str] = ()) -> BenchRun:
+    process = start_benchmark(emulators, results, run_id, cache_dir, *extra, ablations=ablations,
+                              load_requests=load_requests, provider_options=provider_options)
+    return finish(process, results, run_id)
 
 
 def signal_process(process_holder: list, signum: int):
@@ -96,8 +142,14 @@ def kill_workers(process_holder: list):
     return kill
 
 
-def run_sweep(emulator: NyckelEmulator, results: Path, run_id: str, *extra: str) -> subprocess.CompletedProcess:
+def run_sweep(emulators: Emulators, results: Path, run_id: str, *extra: str,
+              provider_options: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Run ``python -m imgbench sweep`` on the run's ledger, with each emulator as its provider's service."""
     command = [sys.executable, "-m", "imgbench", "sweep", "--run-id", run_id, "--ledger-dir",
-               str(ledger_path(results, run_id).parent), "--service-url", f"nyckel={emulator.url}", *extra]
-    return subprocess.run(command, cwd=REPO_ROOT, env=bench_environment(results.parent), capture_output=True,
-                          text=True, timeout=120, check=False)
+               str(ledger_path(results, run_id).parent)]
+    for provider, url in provider_urls(emulators).items():
+        command += ["--service-url", f"{provider}={url}"]
+    for option in provider_options:
+        command += ["--provider-option", option]
+    return subprocess.run([*command, *extra], cwd=REPO_ROOT, env=bench_environment(results.parent),
+                          capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S, check=False)

@@ -19,7 +19,9 @@ it names from moto's S3 store. The "model" is the Nyckel emulator's: a
 64-bin colour histogram per image, and the label with the nearest mean
 histogram wins. Datasets, training, starting and stopping finish after a set
 number of ``Describe*`` polls, so a provider's waits are exercised. Fault
-injection makes training fail, throttles requests, or resets connections.
+injection makes training fail, throttles requests, or resets connections;
+``on_request`` runs a callback (such as sending a signal to the process
+under test) when an operation is first requested.
 The rules the service documents are enforced: a running model cannot be
 deleted, and a project with datasets or versions cannot be deleted.
 
@@ -165,6 +167,7 @@ class RekognitionEmulator:
         self._tags: dict[str, dict[str, str]] = {}
         self._sequence = int(time_source() * 1000)
         self.operation_counts: dict[str, int] = {}
+        self.request_callbacks: dict[str, Callable[[], None]] = {}
         self.s3_app = create_backend_app("s3")
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         self._server.daemon_threads = True
@@ -226,6 +229,20 @@ class RekognitionEmulator:
                 self.faults.failing_operations.add(operation)
             else:
                 self.faults.failing_operations.discard(operation)
+
+    def on_request(self, operation: str, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, in the server thread, when the first ``operation`` request arrives.
+
+        ``operation`` is a Rekognition operation name such as ``CreateProjectVersion``.
+        """
+        with self._lock:
+            self.request_callbacks[operation] = callback
+
+    def run_request_callback(self, operation: str) -> None:
+        with self._lock:
+            callback = self.request_callbacks.pop(operation, None)
+        if callback is not None:
+            callback()
 
     # Inspection, for tests --------------------------------------------------------
 
@@ -679,6 +696,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _rekognition(self, operation: str, body: bytes) -> None:
         emulator: RekognitionEmulator = self.server.emulator
+        emulator.run_request_callback(operation)
         if emulator.should_reset(operation):
             logger.info("Rekognition %s: connection reset (injected)", operation)
             # SO_LINGER with a zero timeout makes close() send RST instead of FIN.

@@ -29,7 +29,8 @@ so its predictions come from the uploaded training images.
 Jobs finish and endpoints start after a set number of status reads, and a
 running endpoint answers 503 to its first requests while its replica starts.
 Fault injection: HTTP errors or connection resets on a named route, failed
-training and failed endpoint builds.
+training and failed endpoint builds. ``on_request`` runs a callback (such as
+sending a signal to the process under test) when a route is first reached.
 
 Use it as a context manager in tests, or run
 ``python -m imgbench.emulators.huggingface --port 8766`` to record cassettes.
@@ -48,6 +49,7 @@ import socket
 import struct
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -215,6 +217,7 @@ class HuggingFaceEmulator(LoopbackEmulator):
         self.counts: Counter[str] = Counter()
         # Secret values jobs received, so tests can check where they went.
         self.job_secrets: list[dict] = []
+        self.request_callbacks: dict[str, Callable[[], None]] = {}
         self._lock = threading.RLock()
 
     # Fault injection ----------------------------------------------------------
@@ -232,6 +235,13 @@ class HuggingFaceEmulator(LoopbackEmulator):
             raise ValueError(f"unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
         with self._lock:
             self.faults.resets[route] = count
+
+    def on_request(self, route: str, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, in the server thread, when the first request on ``route`` arrives."""
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
+        with self._lock:
+            self.request_callbacks[route] = callback
 
     def fail_training(self) -> None:
         with self._lock:
@@ -256,12 +266,23 @@ class HuggingFaceEmulator(LoopbackEmulator):
     def handle(self, method: str, target: str, headers, body: bytes) -> tuple[int, object]:
         parts = urlsplit(target)
         path, query = unquote(parts.path), parse_qs(parts.query)
+        self._run_request_callback(method, path)
         with self._lock:
             self.counts["requests"] += 1
             route, handler = self._resolve(method, path)
             user = self._authenticate(headers)
             self._inject_faults(route)
             return handler(user=user, query=query, body=body)
+
+    def _run_request_callback(self, method: str, path: str) -> None:
+        with self._lock:
+            try:
+                route, _ = self._resolve(method, path)
+            except ApiError:
+                return
+            callback = self.request_callbacks.pop(route, None)
+        if callback is not None:
+            callback()
 
     def _resolve(self, method: str, path: str):
         if path == "/api/whoami-v2" and method == "GET":

@@ -28,7 +28,9 @@ histogram of the images imported with ML_USE ``training`` (see
 ``operation_polls`` reads and training after ``training_polls`` reads, so a
 provider's waiting loops run. Fault injection fails imports or training,
 responds to matching requests with an error status (429 RESOURCE_EXHAUSTED
-for quota), or closes the connection without a response.
+for quota), or closes the connection without a response; ``on_request``
+runs a callback (such as sending a signal to the process under test) when
+a matching request first arrives.
 
 Use it as a context manager in tests, or run
 ``python -m imgbench.emulators.vertex --port 8766`` to record cassettes.
@@ -46,6 +48,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -220,6 +223,8 @@ class VertexEmulator(LoopbackEmulator):
         self.centroids: dict[str, tuple[list[str], np.ndarray]] = {}
         self.endpoints: dict[str, dict] = {}
         self.operations: dict[str, Operation] = {}
+        # (compiled "METHOD /path" pattern, callback) pairs; each runs once.
+        self.request_callbacks: list[tuple[re.Pattern, Callable[[], None]]] = []
         self.requests = 0
         self.predictions = 0
         self._next_id = 1000
@@ -253,6 +258,11 @@ class VertexEmulator(LoopbackEmulator):
             self.faults.resets_left = count
             self.faults.reset_pattern = re.compile(pattern)
 
+    def on_request(self, pattern: str, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, in the server thread, when a request whose ``METHOD /path`` matches arrives."""
+        with self._lock:
+            self.request_callbacks.append((re.compile(pattern), callback))
+
     def resource_counts(self) -> dict[str, int]:
         """Count the resources that exist now, by kind; all zero once a case cleaned up."""
         with self._lock:
@@ -267,6 +277,7 @@ class VertexEmulator(LoopbackEmulator):
         """Handle one request and return (HTTP status, JSON body or None for an empty body)."""
         parts = urlsplit(target)
         path, query = unquote(parts.path), parse_qs(parts.query)
+        self._run_request_callback(f"{method} {path}")
         with self._lock:
             self.requests += 1
             try:
@@ -277,6 +288,14 @@ class VertexEmulator(LoopbackEmulator):
             except ApiError as exc:
                 logger.info("emulator answered %s %s with HTTP %d: %s", method, path, exc.status, exc)
                 return exc.status, exc.body
+
+    def _run_request_callback(self, request_line: str) -> None:
+        with self._lock:
+            matching = next((entry for entry in self.request_callbacks if entry[0].search(request_line)), None)
+            if matching is not None:
+                self.request_callbacks.remove(matching)
+        if matching is not None:
+            matching[1]()
 
     def _inject_faults(self, request_line: str) -> None:
         faults = self.faults
