@@ -61,7 +61,7 @@ import yaml
 
 from imgbench.emulators.nyckel import ImagePayloadError, image_histogram
 
-from imgbench.emulators.server import LoopbackEmulator
+from imgbench.emulators.server import LoopbackEmulator, serve_until_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -675,15 +675,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--startup-503", type=int, default=2,
                         help="serving requests answered with 503 while the replica starts (default: 2)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     emulator = HuggingFaceEmulator(port=args.port, training_reads=args.training_reads,
                                    startup_reads=args.startup_reads, startup_503=args.startup_503)
-    with emulator:
-        print(f"listening on {emulator.url}", flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+    serve_until_interrupted(emulator)
 
 
 if __name__ == "__main__":

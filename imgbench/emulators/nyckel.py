@@ -49,7 +49,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from imgbench.emulators.server import LoopbackEmulator
+from imgbench.emulators.server import LoopbackEmulator, serve_until_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -518,15 +518,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--client-id", default=DEFAULT_CLIENT_ID, help="client id to accept")
     parser.add_argument("--client-secret", default=DEFAULT_CLIENT_SECRET, help="client secret to accept")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     emulator = NyckelEmulator(port=args.port, client_id=args.client_id, client_secret=args.client_secret,
                               token_ttl_s=args.token_ttl, training_polls=args.training_polls)
-    with emulator:
-        print(f"listening on {emulator.url}", flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+    serve_until_interrupted(emulator)
 
 
 if __name__ == "__main__":

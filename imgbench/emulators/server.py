@@ -53,3 +53,14 @@ class LoopbackEmulator:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+def serve_until_interrupted(emulator: LoopbackEmulator) -> None:
+    """Run an emulator from the command line: log to stderr, print its URL, serve until Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with emulator:
+        print(f"listening on {emulator.url}", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass

@@ -59,7 +59,7 @@ import numpy as np
 
 from imgbench.emulators.nyckel import ImagePayloadError, image_histogram
 
-from imgbench.emulators.server import LoopbackEmulator
+from imgbench.emulators.server import LoopbackEmulator, serve_until_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -694,15 +694,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--project-number", default=DEFAULT_PROJECT_NUMBER,
                         help=f"project number in resource names (default: {DEFAULT_PROJECT_NUMBER})")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     emulator = VertexEmulator(port=args.port, project_number=args.project_number,
                               operation_polls=args.operation_polls, training_polls=args.training_polls)
-    with emulator:
-        print(f"listening on {emulator.url}", flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+    serve_until_interrupted(emulator)
 
 
 if __name__ == "__main__":
