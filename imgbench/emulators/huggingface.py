@@ -61,7 +61,7 @@ import yaml
 
 from imgbench.emulators.nyckel import ImagePayloadError, image_histogram
 
-from imgbench.emulators.server import LoopbackEmulator, serve_until_interrupted
+from imgbench.emulators.server import LoopbackEmulator, read_json_object, serve_until_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class HuggingFaceEmulator(LoopbackEmulator):
     # Fault injection ----------------------------------------------------------
 
     def fail_route(self, route: str, status: int = 500, count: int = 1) -> None:
-        """Answer the next ``count`` requests on ``route`` (one of ``ROUTES``) with HTTP ``status``."""
+        """Respond to the next ``count`` requests on ``route`` (one of ``ROUTES``) with HTTP ``status``."""
         if route not in ROUTES:
             raise ValueError(f"unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
         with self._lock:
@@ -356,7 +356,7 @@ class HuggingFaceEmulator(LoopbackEmulator):
         return whoami_profile(user)
 
     def _create_repo(self, *, user: str, body: bytes, **_) -> dict:
-        payload = _json_body(body)
+        payload = read_json_object(body, ApiError)
         name, repo_type = payload.get("name"), payload.get("type") or "model"
         namespace = payload.get("organization") or user
         self._check_namespace(user, namespace)
@@ -371,7 +371,7 @@ class HuggingFaceEmulator(LoopbackEmulator):
         return {"url": f"{self.url}/{prefix}{repo_id}", "name": repo_id}
 
     def _delete_repo(self, *, user: str, body: bytes, **_) -> dict:
-        payload = _json_body(body)
+        payload = read_json_object(body, ApiError)
         namespace = payload.get("organization") or user
         self._check_namespace(user, namespace)
         key = (payload.get("type") or "model", f"{namespace}/{payload.get('name')}")
@@ -388,7 +388,7 @@ class HuggingFaceEmulator(LoopbackEmulator):
     def _preupload(self, repo_type: str, repo_id: str, *, user: str, body: bytes, **_) -> dict:
         self._check_namespace(user, repo_id.split("/")[0])
         repo = self._repo(repo_type, repo_id)
-        files = _json_body(body).get("files") or []
+        files = read_json_object(body, ApiError).get("files") or []
         return {"files": [{"path": item["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
                           for item in files], "commitOid": repo.sha}
 
@@ -430,7 +430,7 @@ class HuggingFaceEmulator(LoopbackEmulator):
 
     def _create_job(self, namespace: str, *, user: str, body: bytes, **_) -> dict:
         self._check_namespace(user, namespace)
-        spec = _json_body(body)
+        spec = read_json_object(body, ApiError)
         image = str(spec.get("dockerImage") or "")
         if "autotrain" not in image:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"the emulator runs AutoTrain images only, not {image!r}")
@@ -530,7 +530,7 @@ class HuggingFaceEmulator(LoopbackEmulator):
 
     def _create_endpoint(self, namespace: str, *, user: str, body: bytes, **_) -> dict:
         self._check_namespace(user, namespace)
-        spec = _json_body(body)
+        spec = read_json_object(body, ApiError)
         name = spec.get("name")
         if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]{2,30}[a-z0-9]", name):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"invalid endpoint name {name!r}: use 4 to 32 lowercase "
@@ -609,16 +609,6 @@ class HuggingFaceEmulator(LoopbackEmulator):
         return [{"label": label, "score": round(float(score), 6)} for label, score in ranked]
 
 
-def _json_body(body: bytes) -> dict:
-    try:
-        value = json.loads(body or b"{}")
-    except ValueError as exc:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-    return value
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -673,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--startup-reads", type=int, default=2,
                         help="endpoint status reads before it reports running (default: 2)")
     parser.add_argument("--startup-503", type=int, default=2,
-                        help="serving requests answered with 503 while the replica starts (default: 2)")
+                        help="serving requests that get HTTP 503 while the replica starts (default: 2)")
     args = parser.parse_args(argv)
     emulator = HuggingFaceEmulator(port=args.port, training_reads=args.training_reads,
                                    startup_reads=args.startup_reads, startup_503=args.startup_503)

@@ -49,7 +49,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from imgbench.emulators.server import LoopbackEmulator, serve_until_interrupted
+from imgbench.emulators.server import LoopbackEmulator, read_json_object, serve_until_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ class NyckelEmulator(LoopbackEmulator):
                 with self._lock:
                     return HTTPStatus.OK, [function.as_json() for function in self.functions.values()]
             if method == "POST":
-                return HTTPStatus.OK, self._create_function(_json_body(body))
+                return HTTPStatus.OK, self._create_function(read_json_object(body, ApiError))
         match = _FUNCTION_PATH.match(path)
         if match is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no route for {method} {path}")
@@ -317,9 +317,9 @@ class NyckelEmulator(LoopbackEmulator):
         version, part = match["version"], match["part"]
         routes = {
             ("DELETE", "v1", None): lambda: self._delete_function(function),
-            ("POST", "v1", "labels"): lambda: self._create_label(function, _json_body(body)),
-            ("POST", "v1", "samples"): lambda: self._create_sample(function, _json_body(body)),
-            ("POST", "v1", "invoke"): lambda: self._invoke(function, _json_body(body), query),
+            ("POST", "v1", "labels"): lambda: self._create_label(function, read_json_object(body, ApiError)),
+            ("POST", "v1", "samples"): lambda: self._create_sample(function, read_json_object(body, ApiError)),
+            ("POST", "v1", "invoke"): lambda: self._invoke(function, read_json_object(body, ApiError), query),
             ("GET", "v0.9", None): lambda: self._read_function(function),
             ("GET", "v0.9", "metrics"): lambda: self._metrics(function),
         }
@@ -464,16 +464,6 @@ class NyckelEmulator(LoopbackEmulator):
         confidence = float(weights[best] / weights.sum())
         return HTTPStatus.OK, {"labelName": names[best], "labelId": labels.get(names[best]),
                                "confidence": round(confidence, 4)}
-
-
-def _json_body(body: bytes) -> dict:
-    try:
-        value = json.loads(body or b"{}")
-    except ValueError as exc:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-    return value
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
@@ -64,3 +66,18 @@ def serve_until_interrupted(emulator: LoopbackEmulator) -> None:
             threading.Event().wait()
         except KeyboardInterrupt:
             pass
+
+
+def read_json_object(body: bytes, error: type[Exception]) -> dict:
+    """Parse a request body as a JSON object; raise ``error(400, message)`` when it is not one.
+
+    ``error`` is the emulator's own error-response class, so the client gets
+    that service's error body.
+    """
+    try:
+        value = json.loads(body or b"{}")
+    except ValueError as exc:
+        raise error(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise error(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+    return value

@@ -59,7 +59,7 @@ import numpy as np
 
 from imgbench.emulators.nyckel import ImagePayloadError, image_histogram
 
-from imgbench.emulators.server import LoopbackEmulator, serve_until_interrupted
+from imgbench.emulators.server import LoopbackEmulator, read_json_object, serve_until_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -156,16 +156,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _json_body(body: bytes) -> dict:
-    try:
-        value = json.loads(body or b"{}")
-    except ValueError as exc:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
-    return value
-
-
 def _matches_filter(labels: dict, expression: str) -> bool:
     """Return True when ``labels`` satisfy a filter of ``labels.KEY="VALUE"`` / ``labels.KEY:*`` terms."""
     for term in (part.strip() for part in re.split(r"\s+AND\s+", expression.strip()) if part.strip()):
@@ -244,12 +234,12 @@ class VertexEmulator(LoopbackEmulator):
             self.faults.fail_training = True
 
     def fail_requests(self, pattern: str, status: int = HTTPStatus.INTERNAL_SERVER_ERROR, count: int = 1) -> None:
-        """Answer the next ``count`` requests whose ``METHOD /path`` matches the regex ``pattern`` with ``status``."""
+        """Respond to the next ``count`` requests whose ``METHOD /path`` matches the regex ``pattern`` with ``status``."""
         with self._lock:
             self.faults.error_rules.append([re.compile(pattern), int(status), count])
 
     def exceed_quota(self, pattern: str, count: int = 1) -> None:
-        """Answer matching requests with HTTP 429 RESOURCE_EXHAUSTED, as a quota error."""
+        """Respond to matching requests with HTTP 429 RESOURCE_EXHAUSTED, as a quota error."""
         self.fail_requests(pattern, HTTPStatus.TOO_MANY_REQUESTS, count)
 
     def reset_connections(self, count: int, pattern: str = ".*") -> None:
@@ -286,7 +276,7 @@ class VertexEmulator(LoopbackEmulator):
                     return self._route_storage(method, path, query, headers, body)
                 return self._route_vertex(method, path, query, body)
             except ApiError as exc:
-                logger.info("emulator answered %s %s with HTTP %d: %s", method, path, exc.status, exc)
+                logger.info("emulator responded to %s %s with HTTP %d: %s", method, path, exc.status, exc)
                 return exc.status, exc.body
 
     def _run_request_callback(self, request_line: str) -> None:
@@ -351,7 +341,7 @@ class VertexEmulator(LoopbackEmulator):
             parts = parse_multipart(body, headers.get("Content-Type", ""))
             if len(parts) != 2:
                 raise ApiError(HTTPStatus.BAD_REQUEST, f"a multipart upload needs 2 parts, not {len(parts)}")
-            metadata = _json_body(parts[0][1])
+            metadata = read_json_object(parts[0][1], ApiError)
             name, content_type, data = metadata.get("name"), parts[1][0], parts[1][1]
         elif upload_type == "media":
             name, content_type, data = query.get("name", [None])[0], headers.get("Content-Type", ""), body
@@ -386,7 +376,7 @@ class VertexEmulator(LoopbackEmulator):
             if method == "GET":
                 return HTTPStatus.OK, self._list(kind, query.get("filter", [""])[0])
             if method == "POST" and kind != "models":
-                return HTTPStatus.OK, self._create(kind, location, _json_body(body))
+                return HTTPStatus.OK, self._create(kind, location, read_json_object(body, ApiError))
         resource = re.match(r"^/(datasets|trainingPipelines|models|endpoints)/([^/:]+)(?::(\w+))?$", rest)
         if resource:
             kind, resource_id, verb = resource.groups()
@@ -398,7 +388,7 @@ class VertexEmulator(LoopbackEmulator):
             if verb is None and method == "DELETE":
                 return HTTPStatus.OK, self._delete(kind, resource_id)
             if method == "POST":
-                return HTTPStatus.OK, self._act(kind, resource_id, verb, _json_body(body), len(body))
+                return HTTPStatus.OK, self._act(kind, resource_id, verb, read_json_object(body, ApiError), len(body))
         raise ApiError(HTTPStatus.NOT_FOUND, f"unknown Vertex AI route {method} {path}")
 
     def _store(self, kind: str) -> dict:
