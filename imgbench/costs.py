@@ -28,7 +28,7 @@ SECONDS_PER_HOUR = 3600.0
 
 @dataclass(frozen=True)
 class ExpectedDurations:
-    """How long a provider's phases are expected to take; ``source`` says where each figure comes from."""
+    """How long a provider's phases are expected to take; ``source`` names where each figure comes from."""
 
     training_hours_base: float
     training_hours_per_1000_images: float

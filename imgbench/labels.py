@@ -6,7 +6,7 @@ name to a label the service accepts, deterministically: NFKD-decompose,
 drop combining marks, replace each run of characters outside the allowed set
 with ``_``, trim ``_`` from both ends and cut to the maximum length. Two
 classes that end up with the same label are an error that names both,
-because predictions could no longer be told apart. The provider records the
+because predictions could no longer be distinguished. The provider records the
 mapping, and maps predicted labels back with ``ClassLabels.class_of``.
 """
 

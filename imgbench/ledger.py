@@ -5,8 +5,8 @@ provider notes a resource in the ledger as soon as its id is known (or its
 name, before the create request is sent), and notes its deletion. The ledger
 is one JSON file per run. Every change takes an exclusive ``fcntl`` lock on a
 side file, rewrites the whole ledger to a temporary file, flushes it to disk
-and renames it into place, so concurrent pytest-xdist workers never lose each
-other's entries and a crash at any point leaves the previous or the new
+and renames it into place. So concurrent pytest-xdist workers never lose each
+other's entries, and a crash at any point leaves the previous or the new
 complete file.
 
 Entry states: ``created``; ``kept`` (left on purpose after an interrupted

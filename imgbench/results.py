@@ -170,5 +170,5 @@ def earlier_records(path: Path, run_id: str) -> list[dict]:
 
 
 def finished_case_ids(records: list[dict]) -> list[str]:
-    """Return the ids of the cases whose records say they finished (status ``passed``)."""
+    """Return the ids of the cases whose records show they finished (status ``passed``)."""
     return sorted(record["case_id"] for record in records if record.get("status") == FINISHED_STATUS)

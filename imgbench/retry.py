@@ -1,6 +1,6 @@
 """Retries of transient service errors, shared by every cloud provider.
 
-A transient error is throttling, an HTTP 5xx answer or a dropped connection.
+A transient error is throttling, an HTTP 5xx response or a dropped connection.
 ``call_with_retries`` retries it with exponential backoff and full jitter,
 within a bounded number of attempts and a bounded total sleep, and counts
 every retry by kind in a ``RetryCounter`` that the provider reports in the

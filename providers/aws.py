@@ -305,7 +305,7 @@ class RekognitionProvider(Provider):
     def recording_rules(self) -> RecordingRules:
         return RecordingRules(
             provider=self.name,
-            # Rekognition and S3 share this base in cassettes; X-Amz-Target tells them apart.
+            # Rekognition and S3 share this base in cassettes; X-Amz-Target distinguishes them.
             base_url="https://amazonaws.com",
             match_on=("method", "path", "query", "amz_target", "body_digest"),
             kept_request_headers=frozenset({"content-type", "x-amz-target"}),

@@ -663,7 +663,7 @@ class HuggingFaceProvider(Provider):
             self.clock.sleep(self.options.poll_interval_s)
 
     def _wait_for_first_answer(self, endpoint: HuggingFaceEndpoint, probe: bytes, deadline: float) -> None:
-        """Send the probe image until the endpoint answers; 503 and resets while the replica starts are waited out."""
+        """Send the probe image until the endpoint responds; 503 and resets while the replica starts are waited out."""
         started = self.clock.monotonic()
         headers = {"Authorization": f"Bearer {self._token}", "Content-Type": "image/jpeg",
                    "Accept": "application/json"}
@@ -681,12 +681,12 @@ class HuggingFaceProvider(Provider):
                     with self._counts_lock:
                         self._startup_503 += 1
                 if self.clock.monotonic() >= deadline:
-                    raise ProviderTimeoutError(f"Hugging Face endpoint {endpoint.name} still answered HTTP 503 "
+                    raise ProviderTimeoutError(f"Hugging Face endpoint {endpoint.name} still responded with HTTP 503 "
                                                f"after {self.options.deployment_timeout_s:.0f} s; check its logs")
                 self.clock.sleep(min(self.options.poll_interval_s, 5.0))
         with self._counts_lock:
             self._startup_ms = int(round((self.clock.monotonic() - started) * 1000))
-        logger.info("Hugging Face endpoint %s answered after %d start-up 503s", endpoint.name, self._startup_503)
+        logger.info("Hugging Face endpoint %s responded after %d start-up 503s", endpoint.name, self._startup_503)
 
     def _post_image(self, session: requests.Session, url: str, image: bytes, headers: dict,
                     operation: str) -> requests.Response:
